@@ -1,0 +1,85 @@
+"""Tokenize once: processed datasets saved to disk and reused by later runs and restarts.
+
+A prepared dataset is a ``datasets.DatasetDict`` saved with ``save_to_disk`` plus a
+``llmtrain_meta.json`` that records what it was built from. Building happens in a temporary
+sibling directory that is renamed into place when complete, so a crash mid-build never leaves
+a half-written dataset that a later run would trust, and two nodes racing to build the same
+key on a shared filesystem both end up with one complete copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from llmtrain.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "llmtrain_meta.json"
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able description.
+
+    >>> cache_key({"block_size": 8}) == cache_key({"block_size": 8}), cache_key({"block_size": 8})[:4]
+    (True, '8d5f')
+    """
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_build(
+    path: Path,
+    compat: dict[str, Any],
+    build: Callable[[], tuple[datasets.DatasetDict, dict[str, Any]]],
+    field_name: str,
+) -> tuple[datasets.DatasetDict, dict[str, Any], bool]:
+    """Load the prepared dataset at ``path``, or build and save it there.
+
+    ``compat`` describes what the dataset must match to be reused (tokenizer, block size, code
+    version); an existing dataset whose ``compat`` differs is refused with an error naming
+    ``field_name``, never silently trained on. ``build`` returns the datasets and stats to store.
+    Returns ``(datasets, metadata, built)``.
+    """
+    meta_path = path / META_FILE
+    if path.exists():
+        if not meta_path.is_file():
+            raise ConfigError(f"{field_name}: {path} exists but is not a dataset prepared by llmtrain")
+        metadata = json.loads(meta_path.read_text())
+        _check_compatible(metadata["compat"], compat, path, field_name)
+        logger.info("reusing the tokenized dataset at %s (no re-tokenization)", path)
+        return datasets.load_from_disk(str(path)), metadata, False
+
+    logger.info("tokenizing into %s", path)
+    prepared, stats = build()
+    metadata = {"compat": compat, "stats": stats}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    prepared.save_to_disk(str(staging))
+    (staging / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    try:
+        os.rename(staging, path)
+    except OSError:
+        if not meta_path.is_file():
+            raise
+        logger.info("another process finished %s first; using its copy", path)
+        shutil.rmtree(staging, ignore_errors=True)
+    return datasets.load_from_disk(str(path)), metadata, True
+
+
+def _check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: Path, field_name: str) -> None:
+    for key in sorted(set(saved) | set(wanted)):
+        if saved.get(key) != wanted.get(key):
+            raise ConfigError(
+                f"{field_name}: {path} was prepared with {key}={saved.get(key)!r} but this run needs "
+                f"{wanted.get(key)!r}; delete it or point {field_name} elsewhere"
+            )

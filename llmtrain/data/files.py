@@ -1,0 +1,147 @@
+"""Find data files and read them into ``datasets`` tables, with errors that name file and line.
+
+Reading goes through ``datasets``' fast Arrow readers. Only when a file fails to load, or a
+record lacks the requested field, is it re-read line by line in Python to say exactly where
+and what is wrong, so the common path stays fast.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmtrain.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Suffix -> datasets builder name.
+BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def resolve_data_files(specs: Iterable[str], field_name: str) -> list[Path]:
+    """Expand files, globs and directories (searched recursively) into a sorted, de-duplicated list.
+
+    ``field_name`` is the argument the specs came from; it is named in every error.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "a.txt").write_text("x"); _ = (d / "b.md").write_text("y")
+    >>> [p.name for p in resolve_data_files([str(d)], "train_files")]
+    ['a.txt']
+    """
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            matches = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in BUILDERS]
+            if not matches:
+                raise DataError(f"{field_name}: directory {spec} holds no {'/'.join(BUILDERS)} files")
+        elif glob.has_magic(spec):
+            matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+            if not matches:
+                raise DataError(f"{field_name}: pattern {spec} matches no files")
+        elif path.is_file():
+            matches = [path]
+        else:
+            raise DataError(f"{field_name}: data file {spec} does not exist")
+        for match in matches:
+            if match.suffix not in BUILDERS:
+                raise DataError(f"{field_name}: {match} has an unsupported type; use {', '.join(BUILDERS)}")
+        found += matches
+    return sorted({p.resolve() for p in found})
+
+
+def load_text_file(path: Path, text_field: str, txt_sample_by: str) -> datasets.Dataset:
+    """Load one data file as a dataset with a single ``text`` column of non-null strings.
+
+    Raises :class:`DataError` naming ``path`` (and the line, where there is one) when the file is
+    empty, not valid JSON / UTF-8, or a record lacks ``text_field`` or holds a non-string there.
+    """
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    builder = BUILDERS[path.suffix]
+    kwargs = {"sample_by": txt_sample_by} if builder == "text" else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as error:  # Arrow and datasets raise many types here; we diagnose them all.
+        raise DataError(_diagnose(path, text_field) or f"{path}: cannot be read: {error}") from error
+    assert isinstance(dataset, datasets.Dataset)
+    column = "text" if builder == "text" else text_field
+    if column not in dataset.column_names:
+        found = ", ".join(dataset.column_names) or "none"
+        raise DataError(f"{path}: no field '{text_field}' in the records (fields: {found}); set --text_field")
+    values = dataset.data.column(column)
+    if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+        message = _diagnose(path, text_field) or f"{path}: field '{text_field}' holds {values.type}, not text"
+        raise DataError(message)
+    if values.null_count:
+        first_null = pc.indices_nonzero(pc.is_null(values)).to_pylist()[0]
+        message = _diagnose(path, text_field) or f"{path}: record {first_null + 1} has no '{text_field}'"
+        raise DataError(message)
+    if len(dataset) == 0:
+        raise DataError(f"{path}: the file holds no records")
+    extra = [name for name in dataset.column_names if name != column]
+    dataset = dataset.remove_columns(extra)
+    return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+def _diagnose(path: Path, text_field: str) -> str | None:
+    """Re-read ``path`` in Python and describe its first bad record as ``file:line: problem``."""
+    if path.suffix == ".parquet":
+        return None
+    raw = path.read_bytes()
+    for number, raw_line in enumerate(raw.splitlines(), start=1):
+        try:
+            raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+    if path.suffix == ".txt":
+        return None
+    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as error:
+            return f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})"
+        for index, record in enumerate(records, start=1):
+            problem = _record_problem(record, text_field)
+            if problem:
+                return f"{path}: record {index}: {problem}"
+        return None
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno})"
+        problem = _record_problem(record, text_field)
+        if problem:
+            return f"{path}:{number}: {problem}"
+    return None
+
+
+def _record_problem(record: object, text_field: str) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if text_field not in record or record[text_field] is None:
+        return f"missing field '{text_field}' (fields: {', '.join(record) or 'none'})"
+    if not isinstance(record[text_field], str):
+        return f"field '{text_field}' must be a string, got {type(record[text_field]).__name__}"
+    return None
+
+
+def load_text_files(paths: Iterable[Path], text_field: str, txt_sample_by: str) -> datasets.Dataset:
+    """Load and concatenate several files (see :func:`load_text_file`) in the given order."""
+    parts = [load_text_file(path, text_field, txt_sample_by) for path in paths]
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def file_fingerprints(paths: Iterable[Path]) -> list[dict[str, object]]:
+    """Identity of each file for cache keys: absolute path, size and modification time."""
+    return [{"path": str(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns} for path in paths]

@@ -1,0 +1,107 @@
+"""Tokenizer and causal-LM construction: from a config (scratch) or from pretrained weights.
+
+Weights are only ever read from safetensors, and checkpoint-supplied code only runs when
+``trust_remote_code`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from llmtrain.arguments import ModelArguments
+from llmtrain.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    """Load the tokenizer named by ``tokenizer_name_or_path`` (set by ModelArguments' rules)."""
+    assert model_args.tokenizer_name_or_path is not None
+    try:
+        return AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"tokenizer_name_or_path: cannot load {model_args.tokenizer_name_or_path}: {error}"
+        ) from error
+
+
+def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
+    """Read the architecture config only (no weights): from config_name or model_name_or_path."""
+    source = model_args.config_name or model_args.model_name_or_path
+    assert source is not None  # ModelArguments guarantees one of the two
+    field_name = "config_name" if model_args.config_name else "model_name_or_path"
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{field_name}: cannot load a model config from {source}: {error}") from error
+
+
+def check_sequence_length(length: int, config: PretrainedConfig, field_name: str) -> None:
+    """Refuse sequences longer than the model's position range (RoPE beyond it is untrained)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ConfigError(f"{field_name}={length} exceeds the model's max_position_embeddings={limit}")
+
+
+def build_model(
+    model_args: ModelArguments, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    """Create the causal LM: fresh weights from ``config``, or pretrained weights.
+
+    From scratch, the config's special-token ids are set from the tokenizer so that
+    ``generate`` stops at EOS. The KV cache is switched off for training: with it on,
+    transformers skips the packed-sequence mask and samples would attend to each other.
+    """
+    dtype = "auto" if model_args.dtype == "auto" else DTYPES[model_args.dtype]
+    if model_args.from_scratch:
+        if len(tokenizer) > config.vocab_size:
+            raise ConfigError(
+                f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens but config_name's "
+                f"vocab_size is {config.vocab_size}"
+            )
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=torch.float32 if dtype == "auto" else dtype,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    else:
+        assert model_args.model_name_or_path is not None
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+            use_safetensors=True,
+        )
+        if len(tokenizer) > model.config.vocab_size:
+            logger.warning("resizing token embeddings to the tokenizer's %d tokens", len(tokenizer))
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "model: %s, %.2fM parameters, dtype %s, %s",
+        type(model).__name__,
+        n_params / 1e6,
+        next(model.parameters()).dtype,
+        "from scratch" if model_args.from_scratch else f"from {model_args.model_name_or_path}",
+    )
+    return model

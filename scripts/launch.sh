@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Shared launcher behind pretrain.sh and finetune.sh. Usage (from those scripts):
+#   scripts/launch.sh ENTRY.py DEFAULT_CONFIG.yaml [config.yaml] [--key value ...]
+#
+# Picks the topology from the environment and starts ENTRY under DeepSpeed ZeRO-2:
+#   GPU node     every visible GPU (NUM_GPUS or CUDA_VISIBLE_DEVICES narrow it)
+#   CPU box      NPROC ranks (default 1) on the gloo backend, same DeepSpeed path (--use_cpu)
+#   multi-node   HOSTFILE=path (DeepSpeed's ssh launcher), or NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT
+#                on each node (torchrun rendezvous)
+# Other knobs: PYTHON (default: the project's .venv), DS_CONFIG (default ds_config_zero2.json).
+# The command line and the full log are written to <output_dir>/logs/.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENTRY="$ROOT/$1"
+DEFAULT_CONFIG="$2"
+shift 2
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+DS_CONFIG="${DS_CONFIG:-$ROOT/ds_config_zero2.json}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+# GPUs on this node: NUM_GPUS wins, then CUDA_VISIBLE_DEVICES (empty means none), then nvidia-smi.
+if [[ -n "${NUM_GPUS:-}" ]]; then
+  gpus="$NUM_GPUS"
+elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+  gpus=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+else
+  gpus=0
+fi
+
+overrides=(--deepspeed "$DS_CONFIG")
+if (( gpus > 0 )); then
+  ranks="$gpus"
+else
+  ranks="${NPROC:-1}"
+  overrides+=(--use_cpu true)
+  # Share the cores between the CPU ranks instead of letting each oversubscribe them.
+  cores=$(nproc)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / ranks > 0 ? cores / ranks : 1 ))}"
+fi
+
+# A run config given as the first argument stays first; the user's overrides come after ours and win.
+args=()
+if (( $# > 0 )) && [[ "$1" != -* ]]; then args+=("$1"); shift; fi
+args+=("${overrides[@]}" "$@")
+
+if [[ -n "${HOSTFILE:-}" ]]; then
+  launcher=("$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+  [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
+elif (( NNODES > 1 )); then
+  launcher=("$PYTHON" -u -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
+            --master_addr "${MASTER_ADDR:?NNODES>1 needs MASTER_ADDR}" --master_port "$MASTER_PORT"
+            --nproc_per_node "$ranks")
+elif (( gpus > 0 )) && [[ -n "${CUDA_VISIBLE_DEVICES:-}" && -z "${NUM_GPUS:-}" ]]; then
+  # --num_gpus would make DeepSpeed ignore CUDA_VISIBLE_DEVICES; --include honours it.
+  launcher=("$PYTHON" -u -m deepspeed.launcher.runner --include "localhost:$CUDA_VISIBLE_DEVICES"
+            --master_port "$MASTER_PORT")
+else
+  launcher=("$PYTHON" -u -m deepspeed.launcher.runner --num_gpus "$ranks" --master_port "$MASTER_PORT")
+fi
+cmd=("${launcher[@]}" "$ENTRY" "${args[@]}")
+
+output_dir=$("$PYTHON" "$ROOT/scripts/output_dir.py" "$DEFAULT_CONFIG" "${args[@]}")
+log_dir="$output_dir/logs"
+mkdir -p "$log_dir"
+stamp="$(date +%Y%m%d-%H%M%S)-node$NODE_RANK"
+printf '%q ' "${cmd[@]}" >"$log_dir/launch-$stamp.sh"
+echo >>"$log_dir/launch-$stamp.sh"
+echo "launch: ${cmd[*]}" | tee "$log_dir/launch-$stamp.log"
+echo "log: $log_dir/launch-$stamp.log"
+
+export PYTHONUNBUFFERED=1
+set +e
+"${cmd[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
+status=${PIPESTATUS[0]}
+exit "$status"
