@@ -179,6 +179,8 @@ class TrainArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = _bf16_supported(self.use_cpu)
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.swanlab_mode is not None and self.swanlab_mode not in SWANLAB_MODE_CHOICES:
             raise ConfigError(f"swanlab_mode must be one of {', '.join(SWANLAB_MODE_CHOICES)}")
         try:
@@ -190,6 +192,11 @@ class TrainArguments(TrainingArguments):
             self.use_swanlab = True
         if self.swanlab_log_dir is None:
             self.swanlab_log_dir = os.path.join(str(self.output_dir), "swanlog")
+
+    def report_to_setting(self) -> str:
+        """``report_to`` as a user would write it (``"swanlab,tensorboard"``, or ``"none"``)."""
+        names = [*self.report_to, *(["swanlab"] if self.use_swanlab else [])] if self.report_to is not None else []
+        return ",".join(names) or "none"
 
 
 def _bf16_supported(use_cpu: bool) -> bool:
@@ -232,7 +239,7 @@ def yaml_to_argv(path: Path, parser: HfArgumentParser) -> list[str]:
     for key, value in values.items():
         if key not in actions:
             raise ConfigError(f"{path}:{lines.get(str(key), '?')}: unknown key '{key}'")
-        if value is None:
+        if value is None or value == []:  # unset: keep the field's default
             continue
         action = actions[key]
         if isinstance(value, list):
@@ -311,6 +318,8 @@ def resolved_config(*instances: Any) -> dict[str, Any]:
             if not spec.init or is_secret_key(spec.name):
                 continue
             config[spec.name] = _yaml_safe(getattr(instance, spec.name))
+        if isinstance(instance, TrainArguments):
+            config["report_to"] = instance.report_to_setting()
     return config
 
 

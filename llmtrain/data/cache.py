@@ -31,7 +31,7 @@ def cache_key(parts: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able description.
 
     >>> cache_key({"block_size": 8}) == cache_key({"block_size": 8}), cache_key({"block_size": 8})[:4]
-    (True, '8d5f')
+    (True, 'dc75')
     """
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

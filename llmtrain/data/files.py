@@ -7,6 +7,7 @@ and what is wrong, so the common path stays fast.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import logging
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Suffix -> datasets builder name.
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+UTF8_CHECK_CHUNK_BYTES = 1 << 24  # bounded memory while validating multi-GB files
 
 
 def resolve_data_files(specs: Iterable[str], field_name: str) -> list[Path]:
@@ -66,6 +68,8 @@ def load_text_file(path: Path, text_field: str, txt_sample_by: str) -> datasets.
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     builder = BUILDERS[path.suffix]
+    if builder != "parquet" and not _is_utf8(path):
+        raise DataError(_diagnose(path, text_field) or f"{path}: not valid UTF-8")
     kwargs = {"sample_by": txt_sample_by} if builder == "text" else {}
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
@@ -89,6 +93,19 @@ def load_text_file(path: Path, text_field: str, txt_sample_by: str) -> datasets.
     extra = [name for name in dataset.column_names if name != column]
     dataset = dataset.remove_columns(extra)
     return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether the whole file decodes as UTF-8 (Arrow's JSON reader lets bad bytes through)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as stream:
+            while chunk := stream.read(UTF8_CHECK_CHUNK_BYTES):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _diagnose(path: Path, text_field: str) -> str | None:
