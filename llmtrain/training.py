@@ -65,6 +65,8 @@ def setup_logging() -> None:
         level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
         stream=sys.stdout,
     )
+    # DeepSpeed probes for libaio with a test compile at import; its gcc lines are not ours to show.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
 
 
 def set_rank_log_level(args: TrainArguments) -> None:

@@ -37,7 +37,7 @@ def write_jsonl(path: Path, records: Iterable[object]) -> Path:
 
 def prose_records(count: int, words: int = 60) -> list[dict[str, str]]:
     """Distinct, deterministic English-ish documents."""
-    vocabulary = "the model reads a block of text and learns which token comes next in order".split()
+    vocabulary = ["the", "model", "reads", "a", "block", "of", "text", "and", "learns", "which", "token", "next"]
     return [
         {"text": " ".join(vocabulary[(i * 7 + j) % len(vocabulary)] for j in range(words)) + f" ({i})."}
         for i in range(count)

@@ -82,7 +82,7 @@ def test_finished_model_of_another_run_is_refused_and_left_untouched(tmp_path: P
 
 def test_foreign_model_without_our_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"weights")
-    with pytest.raises(ConfigError, match="no run_config.yaml"):
+    with pytest.raises(ConfigError, match=r"no run_config\.yaml"):
         prepare_output_dir(train_args(tmp_path), RUN)
 
 

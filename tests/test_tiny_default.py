@@ -31,7 +31,10 @@ def test_shipped_tokenizer_carries_qwen_special_tokens_and_chatml(tiny_tokenizer
         [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
         tokenize=False,
     )
-    assert rendered == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert (
+        rendered
+        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    )
 
 
 def test_byte_level_bpe_round_trips_any_text(tiny_tokenizer) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from llmtrain.arguments import DataArguments
 from llmtrain.data.pretrain import prepare_pretrain_data
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, DataError
 from llmtrain.tiny_default import train_tokenizer
 
 from .conftest import prose_records, write_jsonl
@@ -72,7 +72,7 @@ def test_tokenized_path_built_for_another_block_size_is_refused(tmp_path: Path, 
 def test_no_partial_dataset_is_left_when_building_fails(tmp_path: Path, tiny_tokenizer) -> None:
     (tmp_path / "corpus.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     target = tmp_path / "prepared"
-    with pytest.raises(Exception, match="corpus.jsonl:2"):
+    with pytest.raises(DataError, match=r"corpus\.jsonl:2"):
         prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
     assert not target.exists()
     assert not any(p.name.startswith(".prepared") for p in tmp_path.iterdir())

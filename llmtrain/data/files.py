@@ -8,10 +8,11 @@ and what is wrong, so the common path stays fast.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -72,7 +73,8 @@ def load_text_file(path: Path, text_field: str, txt_sample_by: str) -> datasets.
         raise DataError(_diagnose(path, text_field) or f"{path}: not valid UTF-8")
     kwargs = {"sample_by": txt_sample_by} if builder == "text" else {}
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        with _datasets_errors_silenced():
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as error:  # Arrow and datasets raise many types here; we diagnose them all.
         raise DataError(_diagnose(path, text_field) or f"{path}: cannot be read: {error}") from error
     assert isinstance(dataset, datasets.Dataset)
@@ -93,6 +95,18 @@ def load_text_file(path: Path, text_field: str, txt_sample_by: str) -> datasets.
     extra = [name for name in dataset.column_names if name != column]
     dataset = dataset.remove_columns(extra)
     return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+@contextlib.contextmanager
+def _datasets_errors_silenced() -> Iterator[None]:
+    """datasets logs its own ERROR line on a bad file; ours, with the line number, replaces it."""
+    datasets_logger = logging.getLogger("datasets")
+    previous = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(previous)
 
 
 def _is_utf8(path: Path) -> bool:
