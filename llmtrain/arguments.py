@@ -179,6 +179,8 @@ class TrainArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = _bf16_supported(self.use_cpu)
+        if self.use_cpu:
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if isinstance(self.report_to, str) and "," in self.report_to:
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.swanlab_mode is not None and self.swanlab_mode not in SWANLAB_MODE_CHOICES:
@@ -192,6 +194,14 @@ class TrainArguments(TrainingArguments):
             self.use_swanlab = True
         if self.swanlab_log_dir is None:
             self.swanlab_log_dir = os.path.join(str(self.output_dir), "swanlog")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled copies (the Trainer's ``training_args.bin``) carry no credentials."""
+        state = dict(self.__dict__)
+        for key in state:
+            if is_secret_key(key) and state[key] is not None:
+                state[key] = None
+        return state
 
     def report_to_setting(self) -> str:
         """``report_to`` as a user would write it (``"swanlab,tensorboard"``, or ``"none"``)."""

@@ -41,10 +41,10 @@ def test_cli_overrides_yaml_which_overrides_defaults(tmp_path: Path) -> None:
 
 
 def test_yaml_lists_and_booleans_become_fields(tmp_path: Path) -> None:
-    config = write_yaml(tmp_path, "train_files: [a.jsonl, b.txt]\ngradient_checkpointing: true\n")
+    config = write_yaml(tmp_path, "train_files: [a.jsonl, b.txt]\nactivation_checkpointing: true\n")
     _, data, train = parse([str(config)])
     assert data.train_files == ["a.jsonl", "b.txt"]
-    assert train.gradient_checkpointing is True
+    assert train.activation_checkpointing is True
 
 
 def test_unknown_yaml_key_is_an_error_naming_key_and_line(tmp_path: Path) -> None:
@@ -135,3 +135,12 @@ def test_resolved_config_round_trips_and_holds_no_secrets(tmp_path: Path) -> Non
     saved = write_yaml(tmp_path, yaml.safe_dump({k: v for k, v in first.items() if k != "local_rank"}))
     second = resolved_config(*parse([str(saved)]))
     assert second == first
+
+
+def test_pickled_training_args_carry_no_secret() -> None:
+    import pickle
+
+    _, _, train = parse(["--hub_token", "hf_SECRET", "--use_cpu", "true"])
+    assert train.hub_token == "hf_SECRET"  # still usable in this process
+    assert b"hf_SECRET" not in pickle.dumps(train)
+    assert train.dataloader_pin_memory is False
