@@ -26,13 +26,15 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from llmtrain.errors import ConfigError
-from llmtrain.tiny_default import DEMO_CORPUS_PATH, TINY_MODEL_DIR
+from llmtrain.tiny_default import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 TXT_SAMPLE_BY_CHOICES = ("line", "paragraph", "document")
 SWANLAB_MODE_CHOICES = ("cloud", "local", "offline", "disabled")
+TRUNCATION_STRATEGIES = ("drop_oldest_turns", "drop", "error")
+FINETUNING_TYPES = ("full", "lora", "partial")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -76,6 +78,9 @@ class ModelArguments:
         if not self.config_name and not self.model_name_or_path:
             self.config_name = str(TINY_MODEL_DIR)
             logger.info("neither config_name nor model_name_or_path set: using the embedded tiny Qwen2 config")
+        if self.model_name_or_path and Path(self.model_name_or_path).is_dir():
+            # Recorded in adapter configs and run configs: it must resolve from any directory.
+            self.model_name_or_path = str(Path(self.model_name_or_path).resolve())
         if self.tokenizer_name_or_path is None:
             if self.model_name_or_path:
                 self.tokenizer_name_or_path = self.model_name_or_path
@@ -93,25 +98,19 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Where the pretraining text comes from and how it becomes token blocks."""
+class CommonDataArguments:
+    """Data fields shared by every stage: where files are, splits, and the tokenize-once cache."""
 
     train_files: list[str] | None = field(
         default=None,
-        metadata={"help": "Files, globs or directories of .jsonl/.json/.txt/.parquet. Unset: the demo corpus."},
+        metadata={"help": "Files, globs or directories of training data. Unset: the stage's embedded demo set."},
     )
     validation_files: list[str] | None = field(
         default=None, metadata={"help": "Held-out files; when set, validation_split_percentage is not used."}
     )
     validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Percent of training documents held out for eval when no validation_files."}
+        default=5.0, metadata={"help": "Percent of training records held out for eval when no validation_files."}
     )
-    text_field: str = field(default="text", metadata={"help": "Record field holding the document text."})
-    txt_sample_by: str = field(
-        default="line",
-        metadata={"help": "How a .txt file splits into documents.", "choices": TXT_SAMPLE_BY_CHOICES},
-    )
-    block_size: int = field(default=1024, metadata={"help": "Tokens per training sequence (block)."})
     tokenized_path: str | None = field(
         default=None,
         metadata={"help": "Where the tokenized dataset lives. Existing: trained from as is, raw files unread."},
@@ -123,27 +122,111 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
     )
-    preprocessing_batch_size: int = field(
-        default=1000, metadata={"help": "Documents per tokenize-and-group batch; each batch drops < 1 block."}
-    )
     prepare_only: bool = field(
         default=False, metadata={"help": "Build the tokenized dataset at tokenized_path, then exit."}
     )
 
-    def __post_init__(self) -> None:
+    def _check_common(self, demo_path: Path, demo_name: str) -> None:
         if self.train_files is None:
-            self.train_files = [str(DEMO_CORPUS_PATH)]
-            logger.info("train_files not set: using the embedded demo corpus %s", DEMO_CORPUS_PATH)
+            self.train_files = [str(demo_path)]
+            logger.info("train_files not set: using the embedded %s %s", demo_name, demo_path)
         if not 0.0 <= self.validation_split_percentage < 50.0:
             raise ConfigError(f"validation_split_percentage must be in [0, 50), got {self.validation_split_percentage}")
+        if self.prepare_only and not self.tokenized_path:
+            raise ConfigError("prepare_only needs tokenized_path: where should the prepared dataset go?")
+
+
+@dataclass
+class DataArguments(CommonDataArguments):
+    """Pretraining data: where the text comes from and how it becomes token blocks."""
+
+    text_field: str = field(default="text", metadata={"help": "Record field holding the document text."})
+    txt_sample_by: str = field(
+        default="line",
+        metadata={"help": "How a .txt file splits into documents.", "choices": TXT_SAMPLE_BY_CHOICES},
+    )
+    block_size: int = field(default=1024, metadata={"help": "Tokens per training sequence (block)."})
+    preprocessing_batch_size: int = field(
+        default=1000, metadata={"help": "Documents per tokenize-and-group batch; each batch drops < 1 block."}
+    )
+
+    def __post_init__(self) -> None:
+        self._check_common(DEMO_CORPUS_PATH, "demo corpus")
         if self.block_size < 2:
             raise ConfigError(f"block_size must be at least 2, got {self.block_size}")
         if self.txt_sample_by not in TXT_SAMPLE_BY_CHOICES:
             raise ConfigError(f"txt_sample_by must be one of {', '.join(TXT_SAMPLE_BY_CHOICES)}")
         if self.preprocessing_batch_size < 1:
             raise ConfigError(f"preprocessing_batch_size must be positive, got {self.preprocessing_batch_size}")
-        if self.prepare_only and not self.tokenized_path:
-            raise ConfigError("prepare_only needs tokenized_path: where should the prepared dataset go?")
+
+
+@dataclass
+class SFTDataArguments(CommonDataArguments):
+    """SFT data: conversation files, chat-template encoding, length policy and packing."""
+
+    max_seq_length: int = field(default=1024, metadata={"help": "Longest encoded conversation (and packed row)."})
+    truncation_strategy: str = field(
+        default="drop_oldest_turns",
+        metadata={
+            "help": "Over-long conversations: drop the oldest whole turns (system kept), drop the sample, or error.",
+            "choices": TRUNCATION_STRATEGIES,
+        },
+    )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack conversations into rows of max_seq_length, padding-free; false: pad per batch."},
+    )
+    train_on_last_turn_only: bool = field(
+        default=False, metadata={"help": "Supervise only the last assistant turn (default: every assistant turn)."}
+    )
+    default_system_prompt: str | None = field(
+        default=None, metadata={"help": "System message added to conversations that have none."}
+    )
+    end_of_turn_token: str = field(
+        default="<|im_end|>", metadata={"help": "Token closing each turn in the chat template; it is supervised."}
+    )
+
+    def __post_init__(self) -> None:
+        self._check_common(DEMO_CONVERSATIONS_PATH, "demo conversations")
+        if self.max_seq_length < 8:
+            raise ConfigError(f"max_seq_length must be at least 8, got {self.max_seq_length}")
+        if self.truncation_strategy not in TRUNCATION_STRATEGIES:
+            raise ConfigError(f"truncation_strategy must be one of {', '.join(TRUNCATION_STRATEGIES)}")
+
+
+@dataclass
+class FinetuneArguments:
+    """How the weights are fine-tuned: full, LoRA (through peft) or the last layers only."""
+
+    finetuning_type: str = field(
+        default="lora", metadata={"help": "full, lora or partial.", "choices": FINETUNING_TYPES}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Preset (qv, qkvo, all-linear) or comma-separated module names, e.g. q_proj,v_proj."},
+    )
+    layers_to_transform: str | None = field(
+        default=None,
+        metadata={"help": "Layers that get LoRA: comma-separated indices, 'last_half' or 'first_half'. Unset: all."},
+    )
+    trainable_last_n_layers: int = field(
+        default=1, metadata={"help": "partial: number of final decoder layers left trainable."}
+    )
+    train_final_norm: bool = field(default=True, metadata={"help": "partial: also train the final RMSNorm."})
+    train_lm_head: bool = field(default=False, metadata={"help": "partial: also train lm_head (tied: embeddings)."})
+
+    def __post_init__(self) -> None:
+        if self.finetuning_type not in FINETUNING_TYPES:
+            raise ConfigError(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise ConfigError("lora_r and lora_alpha must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.trainable_last_n_layers < 1:
+            raise ConfigError(f"trainable_last_n_layers must be positive, got {self.trainable_last_n_layers}")
 
 
 @dataclass

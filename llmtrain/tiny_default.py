@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny"
 DEMO_CORPUS_PATH = ASSETS_DIR / "demo" / "pretrain_corpus.jsonl"
+DEMO_CONVERSATIONS_PATH = ASSETS_DIR / "demo" / "sft_conversations.jsonl"
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -169,6 +170,9 @@ def main() -> None:
     tokenizer.save_pretrained(TINY_MODEL_DIR)
     tiny_model_config(tokenizer).save_pretrained(TINY_MODEL_DIR)
     logger.info("wrote tokenizer (%d tokens) and model config to %s", len(tokenizer), TINY_MODEL_DIR)
+    from llmtrain.demo_conversations import build_demo_conversations
+
+    build_demo_conversations(DEMO_CONVERSATIONS_PATH)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,18 @@ output under pytest's tmp dirs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -59,10 +64,12 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_entry(args: list[str], tmp_path: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python pretrain.py ARGS`` (one process, no launcher) and capture its output."""
+def run_entry(
+    args: list[str], tmp_path: Path, entry: str = "pretrain.py", timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python ENTRY ARGS`` (one process, no launcher) and capture its output."""
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "pretrain.py"), *args],
+        [sys.executable, str(REPO_ROOT / entry), *args],
         cwd=tmp_path,
         env=subprocess_env(tmp_path, **env),
         capture_output=True,
@@ -70,3 +77,77 @@ def run_entry(args: list[str], tmp_path: Path, timeout: float = 300, **env: str)
         timeout=timeout,
         check=False,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(command: list[str], tmp_path: Path, log_name: str, **env: str) -> subprocess.Popen[bytes]:
+    log = (tmp_path / log_name).open("wb")
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=subprocess_env(tmp_path, **env), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def wait(process: subprocess.Popen[bytes], tmp_path: Path, log_name: str, timeout: float = 420) -> str:
+    returncode = process.wait(timeout=timeout)
+    output = (tmp_path / log_name).read_text(errors="replace")
+    assert returncode == 0, output[-4000:]
+    return output
+
+
+def kill_every_rank(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the launcher and every descendant (torchrun's workers leave its process group)."""
+    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(is_running(pid) for pid in family):
+        assert time.monotonic() < deadline, "a rank survived SIGKILL"
+        time.sleep(0.1)
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def read_summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "train_summary.json").read_text())
+
+
+def train_log(output_dir: Path) -> list[dict]:
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def save_random_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny Qwen2 with its tokenizer, saved like a pretrained model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL_DIR))
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(directory)
+    return directory
+
+
+def qa_conversations(count: int) -> list[dict[str, object]]:
+    """Short ShareGPT-format conversations (Belle's human/gpt speakers), some multi-turn."""
+    records: list[dict[str, object]] = []
+    for i in range(count):
+        turns = [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"It is {2 * i}."}]
+        if i % 3 == 0:
+            turns += [{"from": "human", "value": "And doubled?"}, {"from": "gpt", "value": f"It is {4 * i}."}]
+        if i % 5 == 0:
+            turns.insert(0, {"from": "system", "value": "Answer with one sentence."})
+        records.append({"conversations": turns})
+    return records

@@ -6,30 +6,17 @@ seconds each; they are the proof that the launcher, the DeepSpeed path and resum
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import REPO_ROOT, subprocess_env
+from .conftest import REPO_ROOT, free_port, kill_every_rank, launch, read_summary, train_log, wait
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pretrain_command(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -39,49 +26,6 @@ def pretrain_command(output_dir: Path, cache_dir: Path, *extra: str) -> list[str
         "--disable_tqdm", "true", "--logging_steps", "2", "--eval_steps", "10", "--save_steps", "10",
         *extra,
     ]  # fmt: skip
-
-
-def launch(command: list[str], tmp_path: Path, log_name: str, **env: str) -> subprocess.Popen[bytes]:
-    log = (tmp_path / log_name).open("wb")
-    return subprocess.Popen(
-        command, cwd=tmp_path, env=subprocess_env(tmp_path, **env), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def wait(process: subprocess.Popen[bytes], tmp_path: Path, log_name: str, timeout: float = 420) -> str:
-    returncode = process.wait(timeout=timeout)
-    output = (tmp_path / log_name).read_text(errors="replace")
-    assert returncode == 0, output[-4000:]
-    return output
-
-
-def kill_every_rank(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the launcher and every descendant (torchrun's workers leave its process group)."""
-    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    for pid in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while any(is_running(pid) for pid in family):
-        assert time.monotonic() < deadline, "a rank survived SIGKILL"
-        time.sleep(0.1)
-
-
-def is_running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def read_summary(output_dir: Path) -> dict:
-    return json.loads((output_dir / "train_summary.json").read_text())
-
-
-def train_log(output_dir: Path) -> list[dict]:
-    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ def _diagnose(path: Path, text_field: str) -> str | None:
     if path.suffix == ".parquet":
         return None
     raw = path.read_bytes()
-    for number, raw_line in enumerate(raw.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, which JSON strings may hold raw.
+    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
         try:
             raw_line.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -144,7 +145,7 @@ def _diagnose(path: Path, text_field: str) -> str | None:
             if problem:
                 return f"{path}: record {index}: {problem}"
         return None
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

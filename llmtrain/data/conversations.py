@@ -1,0 +1,283 @@
+"""Read supervised fine-tuning conversations from ``.jsonl`` / ``.json`` files into one message format.
+
+Three record formats are understood; each file's format is detected from its first record and
+every later record of that file must be in the same format::
+
+    sharegpt  {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    openai    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    alpaca    {"instruction": "Hi", "input": "", "output": "Hello", "system": "..."}   (input, system optional)
+
+Every record becomes a list of ``{"role": "system" | "user" | "assistant", "content": str}``,
+the shape ``tokenizer.apply_chat_template`` takes, so training sees the same roles as inference
+(Belle/ShareGPT's ``human`` and ``gpt`` become ``user`` and ``assistant``).
+
+Reading is plain Python, one ``json.loads`` per line, so every bad record is reported as
+``file:line: problem`` (``file: record N: problem`` inside a ``.json`` array) in a
+:class:`~llmtrain.errors.DataError`. A ``.json`` file that does not start with ``[`` is read as
+JSON lines, as ``datasets`` does. Conversations without an assistant turn are returned as they
+are: the encoder drops and counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+
+from llmtrain.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+FORMATS = ("sharegpt", "openai", "alpaca")
+ROLES = ("system", "user", "assistant")
+SUFFIXES = (".jsonl", ".json")
+# The key whose presence identifies each format, checked in this order.
+FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "alpaca": "instruction"}
+FORMAT_SHAPES = (
+    'sharegpt {"conversations": [{"from", "value"}, ...]}',
+    'openai {"messages": [{"role", "content"}, ...]}',
+    'alpaca {"instruction", "input" (optional), "output", "system" (optional)}',
+)
+# Belle / ShareGPT speaker names -> chat-template roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+UTF8_BOM = b"\xef\xbb\xbf"
+
+CONVERSATION_FEATURES = datasets.Features(
+    {
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "source": datasets.Value("string"),
+    }
+)
+
+
+def detect_format(record: object, where: str) -> str:
+    """Return the format of ``record``, one of :data:`FORMATS`.
+
+    The format is chosen by key: ``conversations`` -> sharegpt, ``messages`` -> openai,
+    ``instruction`` -> alpaca. Raises :class:`DataError` naming ``where`` when ``record`` is not
+    an object, or when it has none of these keys or more than one.
+
+    >>> detect_format({"conversations": [{"from": "human", "value": "Hi"}]}, "a.jsonl:1")
+    'sharegpt'
+    >>> detect_format({"instruction": "Add 2 and 3.", "output": "5"}, "a.jsonl:1")
+    'alpaca'
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}")
+    found = [fmt for fmt, key in FORMAT_KEYS.items() if key in record]
+    if len(found) == 1:
+        return found[0]
+    keys = ", ".join(repr(key) for key in record) or "none"
+    if not found:
+        raise DataError(
+            f"{where}: record is in no known conversation format (keys found: {keys}); "
+            f"expected one of: {'; '.join(FORMAT_SHAPES)}"
+        )
+    raise DataError(f"{where}: record mixes the keys of formats {', '.join(found)} (keys found: {keys})")
+
+
+def normalise_record(record: object, fmt: str, where: str, default_system_prompt: str | None = None) -> list[Message]:
+    """Turn one record of format ``fmt`` into ``[{"role", "content"}, ...]``.
+
+    Roles become ``system`` / ``user`` / ``assistant``; a system message may only come first.
+    With ``default_system_prompt``, a conversation without a system message gets one prepended.
+    Contents are kept exactly as written. Raises :class:`DataError` naming ``where`` when the record
+    is in another format than ``fmt``, or a turn is not an object, has an unknown role, or has
+    no content (missing, null, not a string, or blank). A conversation without an assistant
+    turn is returned as it is.
+
+    >>> normalise_record({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ...                  "sharegpt", "a.jsonl:1")
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
+    >>> alpaca = {"instruction": "Sum:", "input": "2 3", "output": "5"}
+    >>> [m["role"] for m in normalise_record(alpaca, "alpaca", "a.jsonl:1", default_system_prompt="Be brief.")]
+    ['system', 'user', 'assistant']
+    >>> normalise_record(alpaca, "alpaca", "a.jsonl:1")[0]
+    {'role': 'user', 'content': 'Sum:\\n\\n2 3'}
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown conversation format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    found = detect_format(record, where)
+    if found != fmt:
+        raise DataError(
+            f"{where}: record is in {found} format, but this file is {fmt} "
+            "(a file holds one format, set by its first record)"
+        )
+    assert isinstance(record, dict)  # detect_format checked it
+    messages = _alpaca_messages(record, where) if fmt == "alpaca" else _turn_messages(record, fmt, where)
+    for number, message in enumerate(messages[1:], start=2):
+        if message["role"] == "system":
+            raise DataError(f"{where}: system message in turn {number}; a system message may only be the first turn")
+    if default_system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": default_system_prompt})
+    return messages
+
+
+def read_conversations(path: Path, default_system_prompt: str | None = None) -> list[dict[str, object]]:
+    """Read one ``.jsonl`` / ``.json`` conversation file, detecting its format from the first record.
+
+    Returns one ``{"messages": list[Message], "source": where}`` per record, in file order, where
+    ``where`` is ``path:line`` (``path: record N`` for a ``.json`` array). Blank lines are skipped.
+    Raises :class:`DataError` naming the file (and line or record) when it cannot be read, is
+    empty, holds invalid UTF-8 or JSON, or any record is invalid (see :func:`normalise_record`).
+    """
+    _check_system_prompt(default_system_prompt)
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported conversation file type; use {' or '.join(SUFFIXES)}")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty")
+    is_array = path.suffix == ".json" and raw.lstrip()[:1] == b"["
+    records = _array_records(path, raw) if is_array else _jsonl_records(path, raw)
+    conversations: list[dict[str, object]] = []
+    fmt = ""
+    for where, record in records:
+        fmt = fmt or detect_format(record, where)
+        messages = normalise_record(record, fmt, where, default_system_prompt)
+        conversations.append({"messages": messages, "source": where})
+    if not conversations:
+        raise DataError(f"{path}: the file holds no records")
+    logger.info("read %d %s conversations from %s", len(conversations), fmt, path)
+    return conversations
+
+
+def read_conversation_files(paths: Iterable[Path], default_system_prompt: str | None = None) -> datasets.Dataset:
+    """Read several conversation files (see :func:`read_conversations`) into one dataset, in the given order.
+
+    Each file has its own format. Columns: ``messages`` (a list of ``{"role", "content"}``) and
+    ``source`` (``path:line`` of the record). Raises :class:`DataError` when ``paths`` is empty or
+    any file is bad.
+    """
+    rows: list[dict[str, object]] = []
+    for path in paths:
+        rows += read_conversations(path, default_system_prompt)
+    if not rows:
+        raise DataError("no conversation files given")
+    return datasets.Dataset.from_list(rows, features=CONVERSATION_FEATURES)
+
+
+def _check_system_prompt(default_system_prompt: str | None) -> None:
+    if default_system_prompt is not None and not default_system_prompt.strip():
+        raise ConfigError("default_system_prompt is blank; leave it unset for no default system prompt")
+
+
+def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
+    """Yield ``("path:line", record)`` per non-blank line; lines are split on ``\\n`` only.
+
+    ``str.splitlines`` is not used: it also splits on U+2028 and friends, which JSON allows
+    unescaped inside strings.
+    """
+    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not valid UTF-8 ({error.reason} at byte {error.start} of the line)") from error
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg}, column {error.colno})") from error
+
+
+def _array_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
+    """Yield ``("path: record N", record)`` for each element of a ``.json`` array."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({error.reason})") from error
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from error
+    for index, record in enumerate(records, start=1):
+        yield f"{path}: record {index}", record
+
+
+def _turn_messages(record: dict[str, object], fmt: str, where: str) -> list[Message]:
+    """Messages of a sharegpt (``from``/``value``) or openai (``role``/``content``) record."""
+    list_key = FORMAT_KEYS[fmt]
+    role_key, content_key = ("from", "value") if fmt == "sharegpt" else ("role", "content")
+    role_map = SHAREGPT_ROLES if fmt == "sharegpt" else {role: role for role in ROLES}
+    turns = record[list_key]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: '{list_key}' must be a list of turns, got {_json_type(turns)}")
+    if not turns:
+        raise DataError(f"{where}: '{list_key}' is an empty list")
+    messages: list[Message] = []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turn {number} must be a JSON object, got {_json_type(turn)}")
+        if role_key not in turn:
+            keys = ", ".join(repr(key) for key in turn) or "none"
+            raise DataError(f"{where}: turn {number} has no '{role_key}' (keys found: {keys})")
+        speaker = turn[role_key]
+        if not isinstance(speaker, str) or speaker not in role_map:
+            shown = repr(speaker) if isinstance(speaker, str) else json.dumps(speaker)
+            expected = ", ".join(role_map)
+            raise DataError(f"{where}: unknown role {shown} in turn {number} (expected one of {expected})")
+        content = _content(turn, content_key, where, f"turn {number} ({speaker})")
+        messages.append({"role": role_map[speaker], "content": content})
+    return messages
+
+
+def _alpaca_messages(record: dict[str, object], where: str) -> list[Message]:
+    """[system] user (instruction, then a blank line and input when there is one), assistant (output)."""
+    instruction = _content(record, "instruction", where, "alpaca record")
+    output = _content(record, "output", where, "alpaca record")
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"{where}: 'input' must be a string, got {_json_type(extra)}")
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: 'system' must be a string, got {_json_type(system)}")
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    messages: list[Message] = []
+    # An empty "system" is how many alpaca exports spell "none", unlike an empty chat turn.
+    if system and system.strip():
+        messages.append({"role": "system", "content": system})
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return messages
+
+
+def _content(holder: dict[str, object], key: str, where: str, what: str) -> str:
+    """``holder[key]`` when it is a non-blank string; otherwise a DataError saying what is wrong."""
+    value = holder.get(key)
+    if isinstance(value, str) and value.strip():
+        return value
+    if key not in holder:
+        problem = f"'{key}' is missing"
+    elif value is None:
+        problem = f"'{key}' is null"
+    elif not isinstance(value, str):
+        problem = f"'{key}' is {_json_type(value)}, not a string"
+    else:
+        problem = f"'{key}' is blank"
+    raise DataError(f"{where}: {what} has no content: {problem}")
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of ``value``'s type, for messages written in the file's terms."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

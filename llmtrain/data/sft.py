@@ -1,0 +1,444 @@
+"""SFT data: conversations -> chat-template tokens with -100 on every non-assistant position.
+
+Contract of one encoded conversation (ChatML shown; any template works)::
+
+    text:   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
+    labels: -100 ...............................................  Hello!<|im_end|>  -100
+
+The whole conversation is rendered with the tokenizer's own chat template and tokenized in one
+call, so training sees exactly the tokens inference will see. A token is supervised iff its
+characters overlap an assistant message's content or the end-of-turn marker that closes it.
+Assistant spans are derived from the template itself by rendering prefixes: the generation
+prompt for turn *i* (messages before *i* + ``add_generation_prompt``) ends where the answer
+starts, so no ``{% generation %}`` tags are needed. A token that straddles the boundary (Qwen's
+BPE merges the header's newline with an answer's leading newline) overlaps the answer and is
+supervised.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llmtrain.arguments import SFTDataArguments
+from llmtrain.data.cache import cache_key, load_or_build
+from llmtrain.data.conversations import Message, read_conversation_files
+from llmtrain.data.files import file_fingerprints, resolve_data_files
+from llmtrain.data.pretrain import VALIDATION_SPLIT_SEED, tokenizer_fingerprint
+from llmtrain.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy ignores
+DROP_TOO_LONG = "too_long"
+DROP_NO_SUPERVISED = "no_supervised_tokens"
+PREVIEW_OPEN, PREVIEW_CLOSE = "[[", "]]"
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template applied to ``messages``, as text."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    assert isinstance(text, str)
+    return text
+
+
+def supervised_char_spans(
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    end_of_turn: str,
+    last_turn_only: bool = False,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages``; return the text and the character spans to supervise.
+
+    Each span runs from the start of an assistant message's content through the end-of-turn
+    marker that closes it (the newline after the marker is not included). Raises
+    :class:`ConfigError` when the template breaks the prefix property (the prompt rendered for
+    generation is not a prefix of the training text) or closes a turn without ``end_of_turn``.
+
+    >>> from llmtrain.tiny_default import TINY_MODEL_DIR
+    >>> from transformers import AutoTokenizer
+    >>> tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    >>> text, spans = supervised_char_spans(
+    ...     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok, "<|im_end|>")
+    >>> [text[start:end] for start, end in spans]
+    ['Yo<|im_end|>']
+    """
+    text = render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:index], generation_prompt=True)
+        through_turn = render(tokenizer, messages[: index + 1])
+        if not text.startswith(prompt) or not through_turn.startswith(prompt) or not text.startswith(through_turn):
+            raise ConfigError(
+                "tokenizer_name_or_path: the chat template's generation prompt is not a prefix of the rendered "
+                f"conversation (turn {index}); training and inference would see different tokens"
+            )
+        marker = through_turn.rfind(end_of_turn, len(prompt))
+        if marker < 0:
+            raise ConfigError(f"end_of_turn_token: the chat template closes assistant turns without {end_of_turn!r}")
+        spans.append((len(prompt), marker + len(end_of_turn)))
+    if last_turn_only:
+        spans = spans[-1:]
+    return text, spans
+
+
+def labels_from_spans(
+    input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Label each token with its id if its characters overlap a span, else -100.
+
+    >>> labels_from_spans([10, 11, 12, 13], [(0, 3), (3, 5), (5, 9), (9, 10)], [(4, 9)])
+    [-100, 11, 12, -100]
+    """
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    ends = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
+    supervised = np.zeros(len(offsets), dtype=bool)
+    for span_start, span_end in spans:
+        supervised |= (starts < span_end) & (ends > span_start) & (ends > starts)
+    ids = np.asarray(input_ids, dtype=np.int64)
+    return np.where(supervised, ids, IGNORE_INDEX).tolist()
+
+
+def encode_conversation(
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    end_of_turn: str,
+    last_turn_only: bool = False,
+) -> dict[str, list[int]]:
+    """Tokenize the rendered conversation in one call and build its labels (see module docstring)."""
+    text, spans = supervised_char_spans(messages, tokenizer, end_of_turn, last_turn_only)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    input_ids = list(encoding["input_ids"])
+    return {"input_ids": input_ids, "labels": labels_from_spans(input_ids, encoding["offset_mapping"], spans)}
+
+
+def split_turns(messages: Sequence[Message]) -> tuple[list[Message], list[list[Message]]]:
+    """Split into the leading system messages and turns (each starts at a user message).
+
+    >>> system, turns = split_turns([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+    ...     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+    >>> len(system), [[m["content"] for m in t] for t in turns]
+    (1, [['a', 'b'], ['c']])
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns: list[list[Message]] = []
+    for message in messages[len(system) :]:
+        if message["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(message)
+    return system, turns
+
+
+def fit_conversation(
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: SFTDataArguments,
+    source: str,
+) -> dict[str, Any]:
+    """Encode one conversation under the length policy; never cuts inside a message.
+
+    Returns ``input_ids``, ``labels``, ``dropped_turns`` and ``drop_reason`` ("" when kept).
+    ``drop_oldest_turns`` removes whole turns from the front (the system prompt stays) until it
+    fits; ``drop`` drops the sample; ``error`` raises :class:`DataError` naming ``source``.
+    """
+    system, turns = split_turns(messages)
+    dropped_turns = 0
+    while True:
+        kept = [*system, *(m for turn in turns[dropped_turns:] for m in turn)]
+        encoded = encode_conversation(kept, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only)
+        if len(encoded["input_ids"]) <= data_args.max_seq_length:
+            break
+        if data_args.truncation_strategy == "error":
+            raise DataError(
+                f"{source}: {len(encoded['input_ids'])} tokens exceed max_seq_length={data_args.max_seq_length} "
+                "(truncation_strategy: error)"
+            )
+        if data_args.truncation_strategy == "drop" or dropped_turns + 1 >= len(turns):
+            return {"input_ids": [], "labels": [], "dropped_turns": dropped_turns, "drop_reason": DROP_TOO_LONG}
+        dropped_turns += 1
+    supervised = any(label != IGNORE_INDEX for label in encoded["labels"])
+    return {**encoded, "dropped_turns": dropped_turns, "drop_reason": "" if supervised else DROP_NO_SUPERVISED}
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group sample indices into rows whose total length stays within ``max_length`` (next-fit, in order).
+
+    >>> pack_rows([3, 4, 2, 5, 1], max_length=6)
+    [[0], [1, 2], [3, 4]]
+    """
+    rows: list[list[int]] = []
+    room = 0
+    for index, length in enumerate(lengths):
+        if not rows or length > room:
+            rows.append([])
+            room = max_length
+        rows[-1].append(index)
+        room -= length
+    return rows
+
+
+def pack_batch(batch: dict[str, list[list[int]]], max_length: int) -> dict[str, list[list[int]]]:
+    """``datasets.map`` function: encoded conversations -> packed rows with restarting position ids."""
+    packed: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in pack_rows([len(ids) for ids in batch["input_ids"]], max_length):
+        packed["input_ids"].append([t for i in row for t in batch["input_ids"][i]])
+        packed["labels"].append([t for i in row for t in batch["labels"][i]])
+        packed["position_ids"].append([p for i in row for p in range(len(batch["input_ids"][i]))])
+    return packed
+
+
+def collate_packed(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Flatten packed rows into one padding-free sequence of shape ``[1, total]``.
+
+    No attention mask: transformers derives the block-diagonal causal mask from position ids
+    that restart at 0 (sdpa, eager) or runs varlen flash-attention from them, so no token
+    attends across conversations. The model must run with ``use_cache=False`` for this.
+    """
+    flat = {key: [v for f in features for v in f[key]] for key in ("input_ids", "labels", "position_ids")}
+    return {key: torch.tensor([values], dtype=torch.long) for key, values in flat.items()}
+
+
+@dataclass
+class PaddingCollator:
+    """Dynamic padding to the longest conversation in the batch (right side, labels -100)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
+            labels[row, :length] = torch.as_tensor(feature["labels"])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def preview(input_ids: Sequence[int], labels: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> str:
+    """Decode a sample with its supervised runs wrapped in ``[[ ]]``.
+
+    >>> from llmtrain.tiny_default import TINY_MODEL_DIR
+    >>> from transformers import AutoTokenizer
+    >>> tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    >>> ids = tok("ab", add_special_tokens=False)["input_ids"]
+    >>> preview(ids + ids, [-100] * len(ids) + ids, tok)
+    'ab[[ab]]'
+    """
+    pieces: list[str] = []
+    run: list[int] = []
+    supervised = False
+    for token, label in [*zip(input_ids, labels, strict=True), (None, IGNORE_INDEX)]:
+        now = label != IGNORE_INDEX
+        if now != supervised and run:
+            text = str(tokenizer.decode(run))
+            pieces.append(f"{PREVIEW_OPEN}{text}{PREVIEW_CLOSE}" if supervised else text)
+            run = []
+        supervised = now
+        if token is not None:
+            run.append(token)
+    return "".join(pieces)
+
+
+def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer plus its chat template (both shape the encoded tokens)."""
+    return cache_key({"tokenizer": tokenizer_fingerprint(tokenizer), "template": tokenizer.chat_template})
+
+
+SFT_CODE_VERSION = cache_key(
+    {
+        "source": "".join(
+            inspect.getsource(f)
+            for f in (supervised_char_spans, labels_from_spans, encode_conversation, fit_conversation, pack_batch)
+        )
+    }
+)
+
+
+def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, end_of_turn: str) -> int:
+    """The end-of-turn token's id; a clear error when the tokenizer cannot do chat SFT."""
+    if not tokenizer.chat_template:
+        raise ConfigError("tokenizer_name_or_path: the tokenizer has no chat template")
+    ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ConfigError(f"end_of_turn_token: {end_of_turn!r} is not a single token of this tokenizer")
+    return int(ids[0])
+
+
+@dataclass
+class PreparedSFTData:
+    """Encoded (and packed) train/eval sets, their collator, and what building them found."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    path: Path
+    built: bool
+    stats: dict[str, Any]
+
+
+def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedSFTData:
+    """Load the encoded SFT dataset for this run, building (and checking) it first if needed."""
+    end_of_turn_id = check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)
+    compat = {
+        "max_seq_length": data_args.max_seq_length,
+        "packing": data_args.packing,
+        "train_on_last_turn_only": data_args.train_on_last_turn_only,
+        "truncation_strategy": data_args.truncation_strategy,
+        "default_system_prompt": data_args.default_system_prompt,
+        "end_of_turn_token": data_args.end_of_turn_token,
+        "tokenizer": template_fingerprint(tokenizer),
+        "code_version": SFT_CODE_VERSION,
+    }
+    if data_args.tokenized_path and Path(data_args.tokenized_path).exists():
+        path = Path(data_args.tokenized_path)
+        train_files: list[Path] = []
+        validation_files: list[Path] = []
+    else:
+        assert data_args.train_files is not None
+        train_files = resolve_data_files(data_args.train_files, "train_files")
+        validation_files = (
+            resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
+        )
+        sources = {
+            "train": file_fingerprints(train_files),
+            "validation": file_fingerprints(validation_files),
+            "validation_split_percentage": data_args.validation_split_percentage,
+        }
+        path = (
+            Path(data_args.tokenized_path)
+            if data_args.tokenized_path
+            else Path(data_args.dataset_cache_dir).expanduser() / f"sft-{cache_key({**compat, **sources})}"
+        )
+
+    def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
+        return _build(data_args, tokenizer, train_files, validation_files, end_of_turn_id)
+
+    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path")
+    stats = metadata["stats"]
+    logger.info(
+        "SFT data: %d train rows, %d eval rows; %d conversations kept, dropped %s, %d truncated "
+        "(%d turns removed); supervised share %.1f%% (%s)",
+        len(prepared["train"]),
+        len(prepared["validation"]) if "validation" in prepared else 0,
+        stats["kept"],
+        stats["dropped"],
+        stats["truncated_samples"],
+        stats["dropped_turns"],
+        100 * stats["supervised_share"],
+        path,
+    )
+    logger.info("encoded sample (supervised spans in [[ ]]):\n%s", stats["preview"])
+    return PreparedSFTData(prepared["train"], prepared.get("validation"), path, built, stats)
+
+
+def _build(
+    data_args: SFTDataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    train_files: list[Path],
+    validation_files: list[Path],
+    end_of_turn_id: int,
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    conversations = read_conversation_files(train_files, data_args.default_system_prompt)
+    splits = {"train": conversations}
+    if validation_files:
+        splits["validation"] = read_conversation_files(validation_files, data_args.default_system_prompt)
+    elif data_args.validation_split_percentage > 0:
+        try:
+            divided = conversations.train_test_split(
+                test_size=data_args.validation_split_percentage / 100, seed=VALIDATION_SPLIT_SEED
+            )
+        except ValueError as error:
+            raise DataError(
+                f"validation_split_percentage={data_args.validation_split_percentage} leaves no validation "
+                f"conversations out of {len(conversations)}: {error}"
+            ) from error
+        splits = {"train": divided["train"], "validation": divided["test"]}
+
+    stats: dict[str, Any] = {"conversations": sum(len(split) for split in splits.values())}
+    encoded_splits = {}
+    for name, split in splits.items():
+        encoded = split.map(
+            _encode_row,
+            fn_kwargs={"tokenizer": tokenizer, "data_args": data_args},
+            remove_columns=split.column_names,
+            num_proc=data_args.preprocessing_num_workers,
+            desc=f"encode {name} conversations",
+        )
+        reasons = pc.value_counts(encoded.data.column("drop_reason")).to_pylist()
+        dropped = {item["values"]: item["counts"] for item in reasons if item["values"]}
+        stats.setdefault("dropped", {})
+        for reason, count in dropped.items():
+            stats["dropped"][reason] = stats["dropped"].get(reason, 0) + count
+        dropped_turns = encoded.data.column("dropped_turns")
+        stats["dropped_turns"] = stats.get("dropped_turns", 0) + int(pc.sum(dropped_turns).as_py() or 0)
+        truncated = pc.sum(pc.and_(pc.greater(dropped_turns, 0), pc.equal(encoded.data.column("drop_reason"), "")))
+        stats["truncated_samples"] = stats.get("truncated_samples", 0) + int(truncated.as_py() or 0)
+        encoded = encoded.filter(lambda reason: reason == "", input_columns="drop_reason")
+        encoded_splits[name] = encoded.remove_columns(["drop_reason", "dropped_turns"])
+        if len(encoded_splits[name]) == 0:
+            raise DataError(
+                f"{'train_files' if name == 'train' else 'validation data'}: no conversation is left to train on "
+                f"after the length policy and mask check (dropped: {dropped or 'none'}, "
+                f"max_seq_length={data_args.max_seq_length})"
+            )
+    train = encoded_splits["train"]
+    stats["kept"] = len(train)
+    stats.update(check_masks(train, end_of_turn_id))
+    stats["preview"] = preview(train[0]["input_ids"], train[0]["labels"], tokenizer)
+    if data_args.packing:
+        for name, split in encoded_splits.items():
+            encoded_splits[name] = split.shuffle(seed=VALIDATION_SPLIT_SEED).map(
+                pack_batch,
+                fn_kwargs={"max_length": data_args.max_seq_length},
+                batched=True,
+                batch_size=1000,
+                remove_columns=split.column_names,
+                desc=f"pack {name}",
+            )
+    return datasets.DatasetDict(encoded_splits), stats
+
+
+def _encode_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, data_args: SFTDataArguments) -> dict[str, Any]:
+    return fit_conversation(row["messages"], tokenizer, data_args, row["source"])
+
+
+def check_masks(encoded: datasets.Dataset, end_of_turn_id: int) -> dict[str, Any]:
+    """Refuse to train on masks that cannot be right; return token counts for the log.
+
+    Errors: no supervised token at all, or the end-of-turn token never supervised (the model
+    would never learn to stop).
+    """
+    labels = encoded.data.column("labels").combine_chunks().flatten().to_numpy()
+    supervised = labels != IGNORE_INDEX
+    if not supervised.any():
+        raise DataError("train_files: no token is supervised (no assistant content survived encoding)")
+    if not (labels == end_of_turn_id).any():
+        raise DataError("end_of_turn_token: the end-of-turn token is never supervised; the model would not stop")
+    return {
+        "tokens": int(labels.size),
+        "supervised_tokens": int(supervised.sum()),
+        "supervised_share": float(supervised.mean()),
+    }
+
+
+def check_collated_batch(batch: dict[str, torch.Tensor]) -> None:
+    """Refuse a collated batch in which padding, or a sample's first token, carries a label."""
+    labels = batch["labels"]
+    if "attention_mask" in batch and (labels[batch["attention_mask"] == 0] != IGNORE_INDEX).any():
+        raise DataError("a padding position carries a label; refusing to train")
+    if "position_ids" in batch and (labels[batch["position_ids"] == 0] != IGNORE_INDEX).any():
+        raise DataError("a packed sample's first token carries a label (it would be predicted across samples)")
