@@ -63,7 +63,11 @@ class ModelArguments:
         },
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2 (when installed)."}
+        default="auto",
+        metadata={
+            "help": "Attention kernel: sdpa, eager, flash_attention_2; auto = flash-attention 2 if installed "
+            "on a GPU, else sdpa (both honour packed position ids)."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a checkpoint. Off unless you trust it."}

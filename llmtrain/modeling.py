@@ -6,6 +6,7 @@ Weights are only ever read from safetensors, and checkpoint-supplied code only r
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -57,6 +58,15 @@ def check_sequence_length(length: int, config: PretrainedConfig, field_name: str
         raise ConfigError(f"{field_name}={length} exceeds the model's max_position_embeddings={limit}")
 
 
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` -> flash_attention_2 when flash-attn is importable and a GPU is present, else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def build_model(
     model_args: ModelArguments, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedModel:
@@ -67,6 +77,7 @@ def build_model(
     transformers skips the packed-sequence mask and samples would attend to each other.
     """
     dtype = "auto" if model_args.dtype == "auto" else DTYPES[model_args.dtype]
+    attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
     if model_args.from_scratch:
         if len(tokenizer) > config.vocab_size:
             raise ConfigError(
@@ -79,7 +90,7 @@ def build_model(
         model = AutoModelForCausalLM.from_config(
             config,
             dtype=torch.float32 if dtype == "auto" else dtype,
-            attn_implementation=model_args.attn_implementation,
+            attn_implementation=attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
         )
     else:
@@ -88,7 +99,7 @@ def build_model(
             model_args.model_name_or_path,
             config=config,
             dtype=dtype,
-            attn_implementation=model_args.attn_implementation,
+            attn_implementation=attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
             use_safetensors=True,
         )
@@ -98,10 +109,11 @@ def build_model(
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "model: %s, %.2fM parameters, dtype %s, %s",
+        "model: %s, %.2fM parameters, dtype %s, attention %s, %s",
         type(model).__name__,
         n_params / 1e6,
         next(model.parameters()).dtype,
+        attn_implementation,
         "from scratch" if model_args.from_scratch else f"from {model_args.model_name_or_path}",
     )
     return model

@@ -9,7 +9,9 @@ import yaml
 
 from llmtrain.arguments import (
     DataArguments,
+    FinetuneArguments,
     ModelArguments,
+    SFTDataArguments,
     TrainArguments,
     parse_args,
     resolved_config,
@@ -109,9 +111,16 @@ def test_block_size_and_split_rules_live_in_post_init() -> None:
 
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(config: Path) -> None:
-    model, data, train = parse([str(config), "--use_cpu", "true"])
+    if config.name.startswith("sft_"):
+        model, data, method, train = parse_args(
+            (ModelArguments, SFTDataArguments, FinetuneArguments, TrainArguments), [str(config), "--use_cpu", "true"]
+        )
+        assert data.max_seq_length >= 8 and method.finetuning_type in ("full", "lora")
+        assert model.model_name_or_path, "SFT starts from pretrained weights"
+    else:
+        model, data, train = parse([str(config), "--use_cpu", "true"])
+        assert data.block_size >= 2
     assert train.output_dir
-    assert data.block_size >= 2
     assert model.trust_remote_code is False
 
 

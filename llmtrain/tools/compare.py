@@ -1,0 +1,139 @@
+"""Answer the same prompts with several models or adapters and show the answers side by side.
+
+    python -m llmtrain.tools.compare --models outputs/sft-tiny outputs/sft-merged \\
+        --adapters outputs/pretrain-tiny:outputs/sft-lora \\
+        --prompts "What is 2+2?" "Name a colour." --output compare.md
+    python -m llmtrain.tools.compare --models outputs/sft-tiny --prompts_file prompts.txt
+
+Each prompt is one user turn (after ``--system`` when given), answered greedily by
+:func:`llmtrain.tools.chat.chat_reply`: the model's own chat template, stopping at ``<|im_end|>``.
+The result is a Markdown table, one row per prompt and one column per model, written to stdout
+and, with ``--output``, to a file. Models are loaded one at a time, so only one is in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from llmtrain.errors import ConfigError, UserInputError
+from llmtrain.tools.chat import (
+    DEFAULT_MAX_NEW_TOKENS,
+    chat_reply,
+    check_decoding,
+    load_chat_model,
+    send_logs_to_stderr,
+    start_messages,
+)
+from llmtrain.training import run_cli
+
+logger = logging.getLogger(__name__)
+
+ModelSpec = tuple[str, str | None]  # (model dir, LoRA adapter dir applied to it or None)
+
+
+def model_label(spec: ModelSpec) -> str:
+    """Column title: the model dir, plus the adapter dir when there is one."""
+    model_dir, adapter_dir = spec
+    return model_dir if adapter_dir is None else f"{model_dir} + {adapter_dir}"
+
+
+def compare(
+    models: list[ModelSpec], prompts: list[str], max_new_tokens: int, system: str | None = None
+) -> list[list[str]]:
+    """Greedy answers to each prompt from each model: ``answers[prompt_index][model_index]``.
+
+    Each ``(model_dir, adapter_dir)`` is loaded once (see :func:`load_chat_model`) and answers
+    every prompt as a fresh single-turn conversation before the next model is loaded.
+    """
+    check_decoding(max_new_tokens, 0.0)
+    answers: list[list[str]] = [[] for _ in prompts]
+    for spec in models:
+        label = model_label(spec)
+        logger.info("answering %d prompts with %s", len(prompts), label)
+        model, tokenizer = load_chat_model(*spec)
+        for index, prompt in enumerate(prompts):
+            messages = [*start_messages(system), {"role": "user", "content": prompt}]
+            answer, stopped = chat_reply(model, tokenizer, messages, max_new_tokens)
+            if not stopped:
+                logger.warning("%s: the answer to prompt %d did not end its turn (truncated)", label, index + 1)
+            answers[index].append(answer)
+        del model
+    return answers
+
+
+def markdown_cell(text: str) -> str:
+    r"""``text`` made safe for one table cell: pipes escaped, line breaks as ``<br>``.
+
+    >>> markdown_cell("a | b\nc")
+    'a \\| b<br>c'
+    """
+    return text.strip().replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def markdown_table(prompts: list[str], labels: list[str], answers: list[list[str]]) -> str:
+    """A Markdown table: a ``prompt`` column, then one column per label; one row per prompt.
+
+    >>> print(markdown_table(["hi"], ["m1", "m2"], [["hello", "hey"]]), end="")
+    | prompt | m1 | m2 |
+    | --- | --- | --- |
+    | hi | hello | hey |
+    """
+    lines = [
+        "| " + " | ".join(markdown_cell(cell) for cell in ["prompt", *labels]) + " |",
+        "| " + " | ".join("---" for _ in range(len(labels) + 1)) + " |",
+    ]
+    for prompt, row in zip(prompts, answers, strict=True):
+        lines.append("| " + " | ".join(markdown_cell(cell) for cell in [prompt, *row]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_adapter_spec(spec: str) -> ModelSpec:
+    """``BASE_DIR:ADAPTER_DIR`` to ``(BASE_DIR, ADAPTER_DIR)``."""
+    parts = spec.split(":")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--adapters expects BASE_DIR:ADAPTER_DIR (one colon), got {spec!r}")
+    return parts[0], parts[1]
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per non-blank line of ``path``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(f"--prompts_file {path}: cannot read it: {error}") from error
+    return [line.strip() for line in lines if line.strip()]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[], metavar="DIR", help="full model dirs")
+    parser.add_argument("--adapters", nargs="+", default=[], metavar="BASE_DIR:ADAPTER_DIR", help="LoRA adapters")
+    parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT", help="user messages to answer")
+    parser.add_argument("--prompts_file", type=Path, help="more prompts, one per line")
+    parser.add_argument("--system", help="system prompt before every user message (none by default)")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest answer")
+    parser.add_argument("--output", type=Path, help="also write the Markdown table to this file")
+    args = parser.parse_args(argv)
+    send_logs_to_stderr()
+    models: list[ModelSpec] = [(model_dir, None) for model_dir in args.models]
+    models += [parse_adapter_spec(spec) for spec in args.adapters]
+    prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not models:
+        raise ConfigError("nothing to compare: give --models and/or --adapters")
+    if not prompts:
+        raise ConfigError("no prompts: give --prompts and/or a non-empty --prompts_file")
+    check_decoding(args.max_new_tokens, 0.0)
+    answers = compare(models, prompts, args.max_new_tokens, system=args.system)
+    table = markdown_table(prompts, [model_label(spec) for spec in models], answers)
+    sys.stdout.write(table)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table, encoding="utf-8")
+        logger.info("wrote the comparison to %s", args.output)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
