@@ -17,4 +17,4 @@ if [[ ! -f outputs/sft-tiny-merged/model.safetensors ]]; then
   "$PY" -m llmtrain.tools.merge --adapter outputs/sft-tiny-lora --output outputs/sft-tiny-merged
 fi
 echo "=== 4/4 one chat answer from the merged model"
-"$PY" -m llmtrain.tools.chat --model outputs/sft-tiny-merged --prompt "What does \`json.dumps\` do?"
+"$PY" -m llmtrain.tools.chat --model outputs/sft-tiny-merged --prompt "Which module defines \`dumps\`?" --max_new_tokens 48

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -36,7 +37,8 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"tokenizer_name_or_path: cannot load {model_args.tokenizer_name_or_path}: {error}"
+            f"tokenizer_name_or_path: cannot load {_describe_source(model_args.tokenizer_name_or_path)}: "
+            f"{_first_line(error)}"
         ) from error
 
 
@@ -48,7 +50,20 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{field_name}: cannot load a model config from {source}: {error}") from error
+        raise ConfigError(
+            f"{field_name}: cannot load a model config from {_describe_source(source)}: {_first_line(error)}"
+        ) from error
+
+
+def _describe_source(source: str) -> str:
+    """A path that does not exist is most often a missing earlier step, not a hub id."""
+    if Path(source).exists():
+        return source
+    return f"{source} (no such local directory, and not loadable as a hub id)"
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def check_sequence_length(length: int, config: PretrainedConfig, field_name: str) -> None:
