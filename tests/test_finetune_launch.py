@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from .conftest import (
     save_random_tiny_model,
     train_log,
     wait,
+    wait_for_checkpoint,
     write_jsonl,
 )
 
@@ -97,12 +97,7 @@ def test_sft_sigkill_after_a_checkpoint_then_the_same_command_resumes(
     command = finetune_command(base, data, output_dir, "--max_steps", "30")
     env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
     first = launch(command, tmp_path, "first.log", **env)
-    checkpoint = output_dir / "checkpoint-6"
-    deadline = time.monotonic() + 300
-    while not ((checkpoint / "trainer_state.json").is_file() and (checkpoint / "rng_state_1.pth").is_file()):
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.1)
+    wait_for_checkpoint(first, output_dir / "checkpoint-6", tmp_path / "first.log")
     kill_every_rank(first)
     assert not (output_dir / "train_summary.json").exists(), "the run finished before it could be killed"
 

@@ -7,14 +7,13 @@ seconds each; they are the proof that the launcher, the DeepSpeed path and resum
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import REPO_ROOT, free_port, kill_every_rank, launch, read_summary, train_log, wait
+from .conftest import REPO_ROOT, free_port, kill_every_rank, launch, read_summary, train_log, wait, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -108,12 +107,7 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_resumes(tmp_path: Path
     command = pretrain_command(output_dir, tmp_path / "cache", "--max_steps", "40", "--report_to", "none")
     env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
     first = launch(command, tmp_path, "first.log", **env)
-    checkpoint = output_dir / "checkpoint-10"
-    deadline = time.monotonic() + 300
-    while not ((checkpoint / "trainer_state.json").is_file() and (checkpoint / "rng_state_1.pth").is_file()):
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.1)
+    wait_for_checkpoint(first, output_dir / "checkpoint-10", tmp_path / "first.log")
     kill_every_rank(first)
     assert not (output_dir / "train_summary.json").exists(), "the run finished before it could be killed"
     saved_steps = sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*"))

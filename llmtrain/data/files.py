@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 # Suffix -> datasets builder name.
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 UTF8_CHECK_CHUNK_BYTES = 1 << 24  # bounded memory while validating multi-GB files
+# Fixed so the held-out records stay the same across runs and seeds (and cached datasets stay valid).
+VALIDATION_SPLIT_SEED = 20240601
 
 
 def resolve_data_files(specs: Iterable[str], field_name: str) -> list[Path]:
@@ -177,3 +179,25 @@ def load_text_files(paths: Iterable[Path], text_field: str, txt_sample_by: str) 
 def file_fingerprints(paths: Iterable[Path]) -> list[dict[str, object]]:
     """Identity of each file for cache keys: absolute path, size and modification time."""
     return [{"path": str(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns} for path in paths]
+
+
+def train_validation_splits(
+    records: datasets.Dataset, validation: datasets.Dataset | None, percentage: float, unit: str
+) -> dict[str, datasets.Dataset]:
+    """``{"train", "validation"}``: the given validation set, or ``percentage``% of ``records`` held out.
+
+    The hold-out uses a fixed seed; ``percentage == 0`` and no validation set means train only.
+    ``unit`` ("documents", "conversations") names what is counted in the error for a split that
+    would leave nothing out.
+    """
+    if validation is not None:
+        return {"train": records, "validation": validation}
+    if percentage <= 0:
+        return {"train": records}
+    try:
+        divided = records.train_test_split(test_size=percentage / 100, seed=VALIDATION_SPLIT_SEED)
+    except ValueError as error:
+        raise DataError(
+            f"validation_split_percentage={percentage} leaves no validation {unit} out of {len(records)}: {error}"
+        ) from error
+    return {"train": divided["train"], "validation": divided["test"]}

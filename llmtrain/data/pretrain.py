@@ -27,13 +27,10 @@ from transformers import PreTrainedTokenizerBase
 
 from llmtrain.arguments import DataArguments
 from llmtrain.data.cache import cache_key, load_or_build
-from llmtrain.data.files import file_fingerprints, load_text_files, resolve_data_files
+from llmtrain.data.files import file_fingerprints, load_text_files, resolve_data_files, train_validation_splits
 from llmtrain.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-# Fixed so the held-out documents stay the same across runs and seeds (and the cache stays valid).
-VALIDATION_SPLIT_SEED = 20240601
 
 
 def group_into_blocks(token_ids: Sequence[Sequence[int]], block_size: int, eos_token_id: int) -> np.ndarray:
@@ -170,20 +167,10 @@ def _build(
     validation_files: list[Path],
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     documents = load_text_files(train_files, data_args.text_field, data_args.txt_sample_by)
-    splits = {"train": documents}
-    if validation_files:
-        splits["validation"] = load_text_files(validation_files, data_args.text_field, data_args.txt_sample_by)
-    elif data_args.validation_split_percentage > 0:
-        try:
-            divided = documents.train_test_split(
-                test_size=data_args.validation_split_percentage / 100, seed=VALIDATION_SPLIT_SEED
-            )
-        except ValueError as error:
-            raise DataError(
-                f"validation_split_percentage={data_args.validation_split_percentage} leaves no validation "
-                f"documents out of {len(documents)}: {error}"
-            ) from error
-        splits = {"train": divided["train"], "validation": divided["test"]}
+    validation = (
+        load_text_files(validation_files, data_args.text_field, data_args.txt_sample_by) if validation_files else None
+    )
+    splits = train_validation_splits(documents, validation, data_args.validation_split_percentage, "documents")
     stats: dict[str, Any] = {"documents": len(documents)}
     blocks = {}
     for name, split in splits.items():

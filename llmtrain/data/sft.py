@@ -33,8 +33,8 @@ from transformers import PreTrainedTokenizerBase
 from llmtrain.arguments import SFTDataArguments
 from llmtrain.data.cache import cache_key, load_or_build
 from llmtrain.data.conversations import Message, read_conversation_files
-from llmtrain.data.files import file_fingerprints, resolve_data_files
-from llmtrain.data.pretrain import VALIDATION_SPLIT_SEED, tokenizer_fingerprint
+from llmtrain.data.files import VALIDATION_SPLIT_SEED, file_fingerprints, resolve_data_files, train_validation_splits
+from llmtrain.data.pretrain import tokenizer_fingerprint
 from llmtrain.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -353,20 +353,10 @@ def _build(
     end_of_turn_id: int,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     conversations = read_conversation_files(train_files, data_args.default_system_prompt)
-    splits = {"train": conversations}
-    if validation_files:
-        splits["validation"] = read_conversation_files(validation_files, data_args.default_system_prompt)
-    elif data_args.validation_split_percentage > 0:
-        try:
-            divided = conversations.train_test_split(
-                test_size=data_args.validation_split_percentage / 100, seed=VALIDATION_SPLIT_SEED
-            )
-        except ValueError as error:
-            raise DataError(
-                f"validation_split_percentage={data_args.validation_split_percentage} leaves no validation "
-                f"conversations out of {len(conversations)}: {error}"
-            ) from error
-        splits = {"train": divided["train"], "validation": divided["test"]}
+    validation = (
+        read_conversation_files(validation_files, data_args.default_system_prompt) if validation_files else None
+    )
+    splits = train_validation_splits(conversations, validation, data_args.validation_split_percentage, "conversations")
 
     stats: dict[str, Any] = {"conversations": sum(len(split) for split in splits.values())}
     encoded_splits = {}
