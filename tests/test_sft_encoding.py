@@ -227,3 +227,36 @@ def test_packed_loss_equals_per_sample_loss(tiny_tokenizer) -> None:
     with torch.no_grad():
         contaminated = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     assert abs(float(contaminated) - float(packed_loss)) > 1e-4
+
+
+def test_a_template_whose_generation_prompt_is_not_a_prefix_is_refused(tiny_tokenizer) -> None:
+    import copy
+
+    from llmtrain.errors import ConfigError
+
+    broken = copy.deepcopy(tiny_tokenizer)
+    broken.chat_template = tiny_tokenizer.chat_template.replace(
+        "'<|im_start|>assistant\\n'", "'<|im_start|>assistant:\\n'"
+    )
+    assert broken.chat_template != tiny_tokenizer.chat_template
+    with pytest.raises(ConfigError, match="generation prompt is not a prefix"):
+        encode_conversation(CONVERSATIONS["system"], broken, EOT)
+    with pytest.raises(ConfigError, match="closes assistant turns without"):
+        encode_conversation(CONVERSATIONS["system"], tiny_tokenizer, "<|not_a_marker|>")
+
+
+def test_mask_check_refuses_unsupervised_data_and_a_never_supervised_end_of_turn(tiny_tokenizer) -> None:
+    import datasets
+
+    from llmtrain.data.sft import check_masks
+
+    eot_id = tiny_tokenizer.convert_tokens_to_ids(EOT)
+    good = encode_conversation(CONVERSATIONS["system"], tiny_tokenizer, EOT)
+    stats = check_masks(datasets.Dataset.from_list([good]), eot_id)
+    assert 0 < stats["supervised_share"] < 1
+    nothing = {"input_ids": good["input_ids"], "labels": [IGNORE_INDEX] * len(good["labels"])}
+    with pytest.raises(DataError, match="no token is supervised"):
+        check_masks(datasets.Dataset.from_list([nothing]), eot_id)
+    no_eot = {"input_ids": good["input_ids"], "labels": [t if t != eot_id else IGNORE_INDEX for t in good["labels"]]}
+    with pytest.raises(DataError, match="end-of-turn token is never supervised"):
+        check_masks(datasets.Dataset.from_list([no_eot]), eot_id)
