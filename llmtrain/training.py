@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from llmtrain.arguments import TrainArguments
+from llmtrain.checkpoints import CompleteCheckpointCallback, find_resume_checkpoint, list_checkpoints
 from llmtrain.errors import USER_ERROR_EXIT_CODE, ConfigError, UserInputError
 from llmtrain.tracking import PerplexityCallback, plot_loss_curve, swanlab_callbacks
 
@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "run_config.yaml"
 SUMMARY_FILE = "train_summary.json"
 LOSS_CURVE_FILE = "loss_curve.png"
+FINAL_STAGING_DIR = ".final-partial"
 ARCHIVE_DIR = "previous"
 KEPT_ON_START_OVER = frozenset({"logs", ARCHIVE_DIR})  # launcher logs of the current launch stay put
 FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Settings that may differ between launches of the same run (logging, launch topology, tracking).
 VOLATILE_KEYS = frozenset(
     {
@@ -108,43 +108,6 @@ def run_cli(main: Callable[[list[str]], None]) -> int:
 def run_identity(run_config: dict[str, Any]) -> dict[str, Any]:
     """The settings that define a run: everything but logging, launch and tracking knobs."""
     return {key: value for key, value in run_config.items() if key not in VOLATILE_KEYS}
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders, newest (highest N) first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from, or None when it looks complete.
-
-    The Trainer writes ``trainer_state.json`` after the weights, optimizer and RNG states, so
-    its presence plus the optimizer state (``optimizer.pt``, or DeepSpeed's ``latest`` tag and
-    folder) marks a finished save.
-    """
-    if not (checkpoint / "trainer_state.json").is_file():
-        return "no trainer_state.json (save interrupted)"
-    latest = checkpoint / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if not (checkpoint / tag).is_dir() or not any((checkpoint / tag).glob("*optim_states.pt")):
-            return f"DeepSpeed state {tag}/ missing or empty"
-    elif not (checkpoint / "optimizer.pt").is_file():
-        return "no optimizer state"
-    return None
-
-
-def find_resume_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir``; incomplete newer ones are logged and skipped."""
-    for checkpoint in list_checkpoints(output_dir):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            return checkpoint
-        logger.warning("skipping %s: %s", checkpoint, problem)
-    return None
 
 
 @dataclass
@@ -227,6 +190,8 @@ def build_trainer(
             f"eval_strategy={eval_strategy!r} but there is no validation data: set "
             "validation_files or validation_split_percentage > 0, or eval_strategy: 'no'"
         )
+    # The Trainer rotates by mtime before the other ranks finish saving; ours waits for the marker.
+    keep_checkpoints, args.save_total_limit = args.save_total_limit, None
     return Trainer(
         model=model,
         args=args,
@@ -234,7 +199,11 @@ def build_trainer(
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=tokenizer,
-        callbacks=[PerplexityCallback(), *swanlab_callbacks(args, run_config)],
+        callbacks=[
+            PerplexityCallback(),
+            CompleteCheckpointCallback(keep=keep_checkpoints),
+            *swanlab_callbacks(args, run_config),
+        ],
     )
 
 
@@ -249,7 +218,13 @@ def train_and_save(trainer: Trainer, start: RunStart) -> dict[str, Any]:
     # Trained with the cache off (see build_model); inference wants it back on.
     model: Any = trainer.model
     model.config.use_cache = True
-    trainer.save_model(str(output_dir))
+    # Saved aside, then moved in: output_dir never holds a half-written final model.
+    staging = output_dir / FINAL_STAGING_DIR
+    trainer.save_model(str(staging))
+    if args.should_save:
+        for path in sorted(staging.iterdir()):
+            os.replace(path, output_dir / path.name)
+        staging.rmdir()
     engine: Any = trainer.model_wrapped
     summary = {
         "global_step": trainer.state.global_step,

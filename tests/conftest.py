@@ -114,9 +114,9 @@ def kill_every_rank(process: subprocess.Popen[bytes]) -> None:
 
 
 def wait_for_checkpoint(process: subprocess.Popen[bytes], checkpoint: Path, log: Path, timeout: float = 300) -> None:
-    """Block until rank 1's RNG state and the trainer state of ``checkpoint`` are on disk."""
+    """Block until ``checkpoint`` is complete (its completion marker exists)."""
     deadline = time.monotonic() + timeout
-    while not ((checkpoint / "trainer_state.json").is_file() and (checkpoint / "rng_state_1.pth").is_file()):
+    while not (checkpoint / "llmtrain_complete.json").is_file():
         assert process.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, f"no {checkpoint.name} within {timeout} s"
         time.sleep(0.1)

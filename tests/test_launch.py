@@ -67,6 +67,8 @@ def test_lr_warms_up_then_decays_under_the_deepspeed_config(two_rank_run: Path) 
 def test_checkpoints_final_safetensors_and_run_records_exist(two_rank_run: Path) -> None:
     assert sorted(p.name for p in two_rank_run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
     assert (two_rank_run / "checkpoint-30" / "global_step30").is_dir()
+    assert (two_rank_run / "checkpoint-30" / "llmtrain_complete.json").is_file()
+    assert not (two_rank_run / ".final-partial").exists()
     for name in ("model.safetensors", "config.json", "tokenizer.json", "run_config.yaml", "loss_curve.png"):
         assert (two_rank_run / name).is_file(), name
     assert not list(two_rank_run.glob("*.bin")) or [p.name for p in two_rank_run.glob("*.bin")] == ["training_args.bin"]

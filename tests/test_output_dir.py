@@ -10,13 +10,9 @@ import pytest
 import yaml
 
 from llmtrain.arguments import TrainArguments
+from llmtrain.checkpoints import find_resume_checkpoint, write_completion_marker
 from llmtrain.errors import ConfigError
-from llmtrain.training import (
-    RUN_CONFIG_FILE,
-    SUMMARY_FILE,
-    find_resume_checkpoint,
-    prepare_output_dir,
-)
+from llmtrain.training import RUN_CONFIG_FILE, SUMMARY_FILE, prepare_output_dir
 
 RUN = {"learning_rate": 1e-3, "block_size": 64, "logging_steps": 10}
 
@@ -34,8 +30,9 @@ def make_checkpoint(output_dir: Path, step: int, complete: bool = True, deepspee
         (checkpoint / f"global_step{step}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     else:
         (checkpoint / "optimizer.pt").write_bytes(b"x")
+    (checkpoint / "trainer_state.json").write_text("{}")
     if complete:
-        (checkpoint / "trainer_state.json").write_text("{}")
+        write_completion_marker(checkpoint, {"global_step": step})
     return checkpoint
 
 
