@@ -22,6 +22,7 @@ from llmtrain.arguments import (
 )
 from llmtrain.data.sft import PaddingCollator, check_collated_batch, collate_packed, prepare_sft_data
 from llmtrain.finetuning import apply_finetuning_method
+from llmtrain.manifest import run_manifest
 from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer
 from llmtrain.training import (
     build_trainer,
@@ -58,8 +59,9 @@ def main(argv: list[str]) -> None:
         return
     model = build_model(model_args, model_config, tokenizer)
     model = apply_finetuning_method(model, method_args, training_args.activation_checkpointing)
-    trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collator, run_config)
-    train_and_save(trainer, start)
+    manifest = run_manifest(run_config, data.path, data.metadata)
+    trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collator, manifest)
+    train_and_save(trainer, start, manifest)
 
 
 if __name__ == "__main__":

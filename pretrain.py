@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmtrain.arguments import DataArguments, ModelArguments, TrainArguments, parse_args, resolved_config
 from llmtrain.data.pretrain import collate_blocks, prepare_pretrain_data
+from llmtrain.manifest import run_manifest
 from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer
 from llmtrain.training import (
     build_trainer,
@@ -45,8 +46,9 @@ def main(argv: list[str]) -> None:
     if start is None:
         return
     model = build_model(model_args, model_config, tokenizer)
-    trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collate_blocks, run_config)
-    train_and_save(trainer, start)
+    manifest = run_manifest(run_config, data.path, data.metadata)
+    trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collate_blocks, manifest)
+    train_and_save(trainer, start, manifest)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Any
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from llmtrain.manifest import write_manifest
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "llmtrain_complete.json"
@@ -117,16 +119,18 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
 
 
 class CompleteCheckpointCallback(TrainerCallback):
-    """After every save: wait for all ranks, then (rank 0) write the marker and rotate."""
+    """After every save: wait for all ranks, then (rank 0) add the run manifest, write the marker, rotate."""
 
-    def __init__(self, keep: int | None) -> None:
+    def __init__(self, keep: int | None, manifest: dict[str, Any]) -> None:
         self.keep = keep
+        self.manifest = manifest
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's optimizer shard and RNG state is on disk past this point
         if state.is_world_process_zero:
             checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            write_manifest(checkpoint, self.manifest, state.global_step)
             write_completion_marker(checkpoint, {"global_step": state.global_step, "world_size": args.world_size})
             rotate(Path(str(args.output_dir)), self.keep)
         if dist.is_available() and dist.is_initialized():

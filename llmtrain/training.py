@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from llmtrain.arguments import TrainArguments
 from llmtrain.checkpoints import CompleteCheckpointCallback, find_resume_checkpoint, list_checkpoints
 from llmtrain.errors import USER_ERROR_EXIT_CODE, ConfigError, UserInputError
+from llmtrain.manifest import write_manifest
 from llmtrain.tracking import PerplexityCallback, plot_loss_curve, swanlab_callbacks
 
 logger = logging.getLogger(__name__)
@@ -181,9 +182,12 @@ def build_trainer(
     train_dataset: datasets.Dataset,
     eval_dataset: datasets.Dataset | None,
     data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    run_config: dict[str, Any],
+    manifest: dict[str, Any],
 ) -> Trainer:
-    """A Trainer with perplexity logging and, when asked for, SwanLab tracking."""
+    """A Trainer with complete-checkpoint marking, perplexity logging and, when asked for, SwanLab.
+
+    ``manifest`` (see :mod:`llmtrain.manifest`) is written into every checkpoint.
+    """
     eval_strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
     if eval_dataset is None and eval_strategy != "no":
         raise ConfigError(
@@ -201,13 +205,13 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[
             PerplexityCallback(),
-            CompleteCheckpointCallback(keep=keep_checkpoints),
-            *swanlab_callbacks(args, run_config),
+            CompleteCheckpointCallback(keep=keep_checkpoints, manifest=manifest),
+            *swanlab_callbacks(args, manifest["config"]),
         ],
     )
 
 
-def train_and_save(trainer: Trainer, start: RunStart) -> dict[str, Any]:
+def train_and_save(trainer: Trainer, start: RunStart, manifest: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if ``start`` says so), save the final model, summary and loss curve.
 
     Returns the summary written to ``train_summary.json``.
@@ -222,6 +226,7 @@ def train_and_save(trainer: Trainer, start: RunStart) -> dict[str, Any]:
     staging = output_dir / FINAL_STAGING_DIR
     trainer.save_model(str(staging))
     if args.should_save:
+        write_manifest(staging, manifest, trainer.state.global_step)
         for path in sorted(staging.iterdir()):
             os.replace(path, output_dir / path.name)
         staging.rmdir()

@@ -6,6 +6,7 @@ seconds each; they are the proof that the launcher, the DeepSpeed path and resum
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def test_checkpoints_final_safetensors_and_run_records_exist(two_rank_run: Path)
     assert (two_rank_run / "checkpoint-30" / "global_step30").is_dir()
     assert (two_rank_run / "checkpoint-30" / "llmtrain_complete.json").is_file()
     assert not (two_rank_run / ".final-partial").exists()
+    for directory, step in ((two_rank_run / "checkpoint-30", 30), (two_rank_run, 30)):
+        manifest = json.loads((directory / "run_manifest.json").read_text())
+        assert manifest["global_step"] == step and manifest["config"]["max_steps"] == 30
+        assert manifest["packages"]["torch"] and manifest["packages"]["deepspeed"]
+        assert manifest["data"]["sources"]["train"][0]["path"].endswith("pretrain_corpus.jsonl")
+        assert manifest["data"]["stats"]["train_blocks"] > 0
     for name in ("model.safetensors", "config.json", "tokenizer.json", "run_config.yaml", "loss_curve.png"):
         assert (two_rank_run / name).is_file(), name
     assert not list(two_rank_run.glob("*.bin")) or [p.name for p in two_rank_run.glob("*.bin")] == ["training_args.bin"]

@@ -41,12 +41,14 @@ def load_or_build(
     compat: dict[str, Any],
     build: Callable[[], tuple[datasets.DatasetDict, dict[str, Any]]],
     field_name: str,
+    sources: dict[str, Any] | None = None,
 ) -> tuple[datasets.DatasetDict, dict[str, Any], bool]:
     """Load the prepared dataset at ``path``, or build and save it there.
 
     ``compat`` describes what the dataset must match to be reused (tokenizer, block size, code
     version); an existing dataset whose ``compat`` differs is refused with an error naming
-    ``field_name``, never silently trained on. ``build`` returns the datasets and stats to store.
+    ``field_name``, never silently trained on. ``build`` returns the datasets and stats to store;
+    ``sources`` (data file fingerprints) is recorded beside them.
     Returns ``(datasets, metadata, built)``.
     """
     meta_path = path / META_FILE
@@ -60,7 +62,7 @@ def load_or_build(
 
     logger.info("tokenizing into %s", path)
     prepared, stats = build()
-    metadata = {"compat": compat, "stats": stats}
+    metadata = {"compat": compat, "stats": stats, "sources": sources or {}}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -95,13 +95,13 @@ PREPROCESSING_CODE_VERSION = cache_key(
 
 @dataclass
 class PreparedData:
-    """Tokenized train/eval blocks, where they are stored, and whether this run built them."""
+    """Tokenized train/eval blocks, where they are stored, whether this run built them, and their metadata."""
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
     path: Path
     built: bool
-    stats: dict[str, Any]
+    metadata: dict[str, Any]  # compat, stats (counts), sources (file fingerprints)
 
 
 def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
@@ -127,23 +127,23 @@ def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokeniz
         validation_files = (
             resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
         )
-        if data_args.tokenized_path:
-            path = Path(data_args.tokenized_path)
-        else:
-            sources = {
-                "train": file_fingerprints(train_files),
-                "validation": file_fingerprints(validation_files),
-                "validation_split_percentage": data_args.validation_split_percentage,
-                "text_field": data_args.text_field,
-                "txt_sample_by": data_args.txt_sample_by,
-            }
-            key = cache_key({**compat, **sources})
-            path = Path(data_args.dataset_cache_dir).expanduser() / f"pretrain-{key}"
+        sources = {
+            "train": file_fingerprints(train_files),
+            "validation": file_fingerprints(validation_files),
+            "validation_split_percentage": data_args.validation_split_percentage,
+            "text_field": data_args.text_field,
+            "txt_sample_by": data_args.txt_sample_by,
+        }
+        path = (
+            Path(data_args.tokenized_path)
+            if data_args.tokenized_path
+            else Path(data_args.dataset_cache_dir).expanduser() / f"pretrain-{cache_key({**compat, **sources})}"
+        )
 
         def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
             return _build(data_args, tokenizer, train_files, validation_files)
 
-        prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path")
+        prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", sources)
     stats = metadata["stats"]
     logger.info(
         "pretraining data: %d train blocks, %d eval blocks of %d tokens (%s)",
@@ -153,7 +153,7 @@ def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokeniz
         path,
     )
     eval_split = prepared.get("validation")
-    return PreparedData(prepared["train"], eval_split, path, built, stats)
+    return PreparedData(prepared["train"], eval_split, path, built, metadata)
 
 
 def _unreachable_build() -> tuple[datasets.DatasetDict, dict[str, Any]]:

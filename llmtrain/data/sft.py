@@ -281,13 +281,13 @@ def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, end_of_turn: str) -
 
 @dataclass
 class PreparedSFTData:
-    """Encoded (and packed) train/eval sets, their collator, and what building them found."""
+    """Encoded (and packed) train/eval sets, where they are stored, and their metadata."""
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
     path: Path
     built: bool
-    stats: dict[str, Any]
+    metadata: dict[str, Any]  # compat, stats (counts, preview), sources (file fingerprints)
 
 
 def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedSFTData:
@@ -303,6 +303,7 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
         "tokenizer": template_fingerprint(tokenizer),
         "code_version": SFT_CODE_VERSION,
     }
+    sources: dict[str, Any] = {}
     if data_args.tokenized_path and Path(data_args.tokenized_path).exists():
         path = Path(data_args.tokenized_path)
         train_files: list[Path] = []
@@ -327,7 +328,7 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
     def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
         return _build(data_args, tokenizer, train_files, validation_files, end_of_turn_id)
 
-    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path")
+    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", sources)
     stats = metadata["stats"]
     logger.info(
         "SFT data: %d train rows, %d eval rows; %d conversations kept, dropped %s, %d truncated "
@@ -342,7 +343,7 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
         path,
     )
     logger.info("encoded sample (supervised spans in [[ ]]):\n%s", stats["preview"])
-    return PreparedSFTData(prepared["train"], prepared.get("validation"), path, built, stats)
+    return PreparedSFTData(prepared["train"], prepared.get("validation"), path, built, metadata)
 
 
 def _build(
