@@ -31,6 +31,7 @@ from llmtrain.arguments import TrainArguments
 from llmtrain.checkpoints import CompleteCheckpointCallback, find_resume_checkpoint, list_checkpoints
 from llmtrain.errors import USER_ERROR_EXIT_CODE, ConfigError, UserInputError
 from llmtrain.manifest import write_manifest
+from llmtrain.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
 from llmtrain.tracking import PerplexityCallback, plot_loss_curve, swanlab_callbacks
 
 logger = logging.getLogger(__name__)
@@ -96,13 +97,16 @@ def disable_unused_cpu_ops() -> None:
 
 
 def run_cli(main: Callable[[list[str]], None]) -> int:
-    """Run an entry point's ``main``; a :class:`UserInputError` becomes one logged line and exit 2."""
+    """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75."""
     setup_logging()
     try:
         main(sys.argv[1:])
     except UserInputError as error:
         logger.error("%s", error)
         return USER_ERROR_EXIT_CODE
+    except TrainingPreempted as stopped:
+        logger.warning("%s", stopped)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 
@@ -206,6 +210,7 @@ def build_trainer(
         callbacks=[
             PerplexityCallback(),
             CompleteCheckpointCallback(keep=keep_checkpoints, manifest=manifest),
+            PreemptionCallback(),
             *swanlab_callbacks(args, manifest["config"]),
         ],
     )
@@ -219,6 +224,12 @@ def train_and_save(trainer: Trainer, start: RunStart, manifest: dict[str, Any]) 
     args = trainer.args
     result = trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
     output_dir = Path(str(args.output_dir))
+    preemption = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback))
+    if preemption.preempted_at_step is not None:
+        raise TrainingPreempted(
+            f"stopped on {preemption.signal_name or 'a signal on another rank'} after saving "
+            f"{output_dir / f'checkpoint-{preemption.preempted_at_step}'}; rerun the same command to resume"
+        )
     # Trained with the cache off (see build_model); inference wants it back on.
     model: Any = trainer.model
     model.config.use_cache = True

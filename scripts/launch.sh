@@ -7,7 +7,8 @@
 #   CPU box      NPROC ranks (default 1) on the gloo backend, same DeepSpeed path (--use_cpu)
 #   multi-node   HOSTFILE=path (DeepSpeed's ssh launcher), or NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT
 #                on each node (torchrun rendezvous)
-# Other knobs: PYTHON (default: the project's .venv), DS_CONFIG (default ds_config_zero2.json).
+# Other knobs: PYTHON (default: the project's .venv), DS_CONFIG (default ds_config_zero2.json),
+#   MAX_RESTARTS (default 2): a crashed run is restarted, resuming, while it keeps making progress.
 # The command line and the full log are written to <output_dir>/logs/.
 set -euo pipefail
 
@@ -23,6 +24,7 @@ DS_CONFIG="${DS_CONFIG:-$ROOT/ds_config_zero2.json}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+MAX_RESTARTS="${MAX_RESTARTS:-2}"
 
 # GPUs on this node: NUM_GPUS wins, then CUDA_VISIBLE_DEVICES (empty means none), then nvidia-smi.
 if [[ -n "${NUM_GPUS:-}" ]]; then
@@ -76,8 +78,46 @@ echo >>"$log_dir/launch-$stamp.sh"
 echo "launch: ${cmd[*]}" | tee "$log_dir/launch-$stamp.log"
 echo "log: $log_dir/launch-$stamp.log"
 
+# Newest step with a completion marker (-1 when none): how a restart's progress is judged.
+newest_complete_step() {
+  local best=-1 marker step
+  for marker in "$output_dir"/checkpoint-*/llmtrain_complete.json; do
+    [[ -f "$marker" ]] || continue
+    step="${marker%/llmtrain_complete.json}"
+    step="${step##*/checkpoint-}"
+    (( step > best )) && best=$step
+  done
+  echo "$best"
+}
+
+# A crashed run is restarted (it resumes by itself) up to MAX_RESTARTS times, but only while
+# each attempt leaves a newer complete checkpoint behind. Bad input (2) and preemption (75)
+# are never retried.
 export PYTHONUNBUFFERED=1
-set +e
-"${cmd[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
-status=${PIPESTATUS[0]}
-exit "$status"
+restarts=0
+while true; do
+  before=$(newest_complete_step)
+  set +e
+  "${cmd[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
+  status=${PIPESTATUS[0]}
+  set -e
+  case "$status" in
+    0) exit 0 ;;
+    2) echo "launch: bad input or configuration (exit 2); not retrying" | tee -a "$log_dir/launch-$stamp.log"; exit 2 ;;
+    75) echo "launch: stopped on a signal after saving a complete checkpoint (exit 75); rerun to resume" \
+          | tee -a "$log_dir/launch-$stamp.log"; exit 75 ;;
+  esac
+  after=$(newest_complete_step)
+  if (( after <= before )); then
+    echo "launch: exit $status with no new complete checkpoint since this attempt began (newest: step $after); not retrying" \
+      | tee -a "$log_dir/launch-$stamp.log"
+    exit "$status"
+  fi
+  if (( restarts >= MAX_RESTARTS )); then
+    echo "launch: exit $status; giving up after $restarts restart(s) (MAX_RESTARTS=$MAX_RESTARTS)" \
+      | tee -a "$log_dir/launch-$stamp.log"
+    exit "$status"
+  fi
+  restarts=$((restarts + 1))
+  echo "launch: exit $status; restart $restarts/$MAX_RESTARTS resumes from step $after" | tee -a "$log_dir/launch-$stamp.log"
+done
