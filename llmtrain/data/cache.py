@@ -15,11 +15,14 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
+from llmtrain.arguments import CommonDataArguments
+from llmtrain.data.files import file_fingerprints, resolve_data_files
 from llmtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -85,3 +88,43 @@ def _check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: Path,
                 f"{field_name}: {path} was prepared with {key}={saved.get(key)!r} but this run needs "
                 f"{wanted.get(key)!r}; delete it or point {field_name} elsewhere"
             )
+
+
+@dataclass
+class DataLocation:
+    """Where a stage's prepared dataset lives, and the raw files it is (or would be) built from."""
+
+    path: Path
+    train_files: list[Path]
+    validation_files: list[Path]
+    sources: dict[str, Any]  # file fingerprints and split settings, recorded in the metadata
+
+
+def locate_prepared_data(
+    data_args: CommonDataArguments, compat: dict[str, Any], stage: str, settings: dict[str, Any]
+) -> DataLocation:
+    """An existing ``tokenized_path`` as is (raw files unread); else resolve and fingerprint the files.
+
+    The dataset then goes to ``tokenized_path`` when set, or to ``dataset_cache_dir`` under
+    ``<stage>-<key>``, the key hashing ``compat``, the file fingerprints and ``settings`` (the
+    stage's reading options).
+    """
+    if data_args.tokenized_path and Path(data_args.tokenized_path).exists():
+        return DataLocation(Path(data_args.tokenized_path), [], [], {})
+    assert data_args.train_files is not None
+    train_files = resolve_data_files(data_args.train_files, "train_files")
+    validation_files = (
+        resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
+    )
+    sources = {
+        "train": file_fingerprints(train_files),
+        "validation": file_fingerprints(validation_files),
+        "validation_split_percentage": data_args.validation_split_percentage,
+        **settings,
+    }
+    path = (
+        Path(data_args.tokenized_path)
+        if data_args.tokenized_path
+        else Path(data_args.dataset_cache_dir).expanduser() / f"{stage}-{cache_key({**compat, **sources})}"
+    )
+    return DataLocation(path, train_files, validation_files, sources)

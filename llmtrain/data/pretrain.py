@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.arguments import DataArguments
-from llmtrain.data.cache import cache_key, load_or_build
-from llmtrain.data.files import file_fingerprints, load_text_files, resolve_data_files, train_validation_splits
+from llmtrain.data.cache import cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.files import load_text_files, train_validation_splits
 from llmtrain.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -118,32 +118,14 @@ def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokeniz
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code_version": PREPROCESSING_CODE_VERSION,
     }
-    if data_args.tokenized_path and Path(data_args.tokenized_path).exists():
-        path = Path(data_args.tokenized_path)
-        prepared, metadata, built = load_or_build(path, compat, _unreachable_build, "tokenized_path")
-    else:
-        assert data_args.train_files is not None
-        train_files = resolve_data_files(data_args.train_files, "train_files")
-        validation_files = (
-            resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
-        )
-        sources = {
-            "train": file_fingerprints(train_files),
-            "validation": file_fingerprints(validation_files),
-            "validation_split_percentage": data_args.validation_split_percentage,
-            "text_field": data_args.text_field,
-            "txt_sample_by": data_args.txt_sample_by,
-        }
-        path = (
-            Path(data_args.tokenized_path)
-            if data_args.tokenized_path
-            else Path(data_args.dataset_cache_dir).expanduser() / f"pretrain-{cache_key({**compat, **sources})}"
-        )
+    settings = {"text_field": data_args.text_field, "txt_sample_by": data_args.txt_sample_by}
+    location = locate_prepared_data(data_args, compat, "pretrain", settings)
 
-        def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
-            return _build(data_args, tokenizer, train_files, validation_files)
+    def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
+        return _build(data_args, tokenizer, location.train_files, location.validation_files)
 
-        prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", sources)
+    path = location.path
+    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", location.sources)
     stats = metadata["stats"]
     logger.info(
         "pretraining data: %d train blocks, %d eval blocks of %d tokens (%s)",
@@ -154,10 +136,6 @@ def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokeniz
     )
     eval_split = prepared.get("validation")
     return PreparedData(prepared["train"], eval_split, path, built, metadata)
-
-
-def _unreachable_build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    raise AssertionError("an existing tokenized_path is loaded, never rebuilt")
 
 
 def _build(

@@ -31,9 +31,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.arguments import SFTDataArguments
-from llmtrain.data.cache import cache_key, load_or_build
+from llmtrain.data.cache import cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.conversations import Message, read_conversation_files
-from llmtrain.data.files import VALIDATION_SPLIT_SEED, file_fingerprints, resolve_data_files, train_validation_splits
+from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
 from llmtrain.errors import ConfigError, DataError
 
@@ -303,32 +303,13 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
         "tokenizer": template_fingerprint(tokenizer),
         "code_version": SFT_CODE_VERSION,
     }
-    sources: dict[str, Any] = {}
-    if data_args.tokenized_path and Path(data_args.tokenized_path).exists():
-        path = Path(data_args.tokenized_path)
-        train_files: list[Path] = []
-        validation_files: list[Path] = []
-    else:
-        assert data_args.train_files is not None
-        train_files = resolve_data_files(data_args.train_files, "train_files")
-        validation_files = (
-            resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
-        )
-        sources = {
-            "train": file_fingerprints(train_files),
-            "validation": file_fingerprints(validation_files),
-            "validation_split_percentage": data_args.validation_split_percentage,
-        }
-        path = (
-            Path(data_args.tokenized_path)
-            if data_args.tokenized_path
-            else Path(data_args.dataset_cache_dir).expanduser() / f"sft-{cache_key({**compat, **sources})}"
-        )
+    location = locate_prepared_data(data_args, compat, "sft", {})
 
     def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
-        return _build(data_args, tokenizer, train_files, validation_files, end_of_turn_id)
+        return _build(data_args, tokenizer, location.train_files, location.validation_files, end_of_turn_id)
 
-    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", sources)
+    path = location.path
+    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", location.sources)
     stats = metadata["stats"]
     logger.info(
         "SFT data: %d train rows, %d eval rows; %d conversations kept, dropped %s, %d truncated "

@@ -76,7 +76,7 @@ def markdown_cell(text: str) -> str:
 def markdown_table(prompts: list[str], labels: list[str], answers: list[list[str]]) -> str:
     """A Markdown table: a ``prompt`` column, then one column per label; one row per prompt.
 
-    >>> print(markdown_table(["hi"], ["m1", "m2"], [["hello", "hey"]]), end="")
+    >>> _ = sys.stdout.write(markdown_table(["hi"], ["m1", "m2"], [["hello", "hey"]]))
     | prompt | m1 | m2 |
     | --- | --- | --- |
     | hi | hello | hey |
