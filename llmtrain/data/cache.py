@@ -39,20 +39,30 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass
+class PreparedData:
+    """A stage's tokenized train/eval sets, where they are stored, whether this run built them, and their metadata."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    path: Path
+    built: bool
+    metadata: dict[str, Any]  # compat, stats (the stage's counts), sources (file fingerprints)
+
+
 def load_or_build(
     path: Path,
     compat: dict[str, Any],
     build: Callable[[], tuple[datasets.DatasetDict, dict[str, Any]]],
     field_name: str,
     sources: dict[str, Any] | None = None,
-) -> tuple[datasets.DatasetDict, dict[str, Any], bool]:
+) -> PreparedData:
     """Load the prepared dataset at ``path``, or build and save it there.
 
     ``compat`` describes what the dataset must match to be reused (tokenizer, block size, code
     version); an existing dataset whose ``compat`` differs is refused with an error naming
     ``field_name``, never silently trained on. ``build`` returns the datasets and stats to store;
     ``sources`` (data file fingerprints) is recorded beside them.
-    Returns ``(datasets, metadata, built)``.
     """
     meta_path = path / META_FILE
     if path.exists():
@@ -61,7 +71,7 @@ def load_or_build(
         metadata = json.loads(meta_path.read_text())
         _check_compatible(metadata["compat"], compat, path, field_name)
         logger.info("reusing the tokenized dataset at %s (no re-tokenization)", path)
-        return datasets.load_from_disk(str(path)), metadata, False
+        return _loaded(path, metadata, built=False)
 
     logger.info("tokenizing into %s", path)
     prepared, stats = build()
@@ -78,7 +88,13 @@ def load_or_build(
             raise
         logger.info("another process finished %s first; using its copy", path)
         shutil.rmtree(staging, ignore_errors=True)
-    return datasets.load_from_disk(str(path)), metadata, True
+    return _loaded(path, metadata, built=True)
+
+
+def _loaded(path: Path, metadata: dict[str, Any], built: bool) -> PreparedData:
+    splits = datasets.load_from_disk(str(path))
+    assert isinstance(splits, datasets.DatasetDict)
+    return PreparedData(splits["train"], splits.get("validation"), path, built, metadata)
 
 
 def _check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: Path, field_name: str) -> None:

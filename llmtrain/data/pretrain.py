@@ -15,7 +15,6 @@ import inspect
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.arguments import DataArguments
-from llmtrain.data.cache import cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import PreparedData, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.files import load_text_files, train_validation_splits
 from llmtrain.errors import DataError
 
@@ -93,17 +92,6 @@ PREPROCESSING_CODE_VERSION = cache_key(
 )
 
 
-@dataclass
-class PreparedData:
-    """Tokenized train/eval blocks, where they are stored, whether this run built them, and their metadata."""
-
-    train: datasets.Dataset
-    eval: datasets.Dataset | None
-    path: Path
-    built: bool
-    metadata: dict[str, Any]  # compat, stats (counts), sources (file fingerprints)
-
-
 def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load the tokenized dataset for this run, building it first if it does not exist yet.
 
@@ -124,18 +112,16 @@ def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokeniz
     def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
         return _build(data_args, tokenizer, location.train_files, location.validation_files)
 
-    path = location.path
-    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", location.sources)
-    stats = metadata["stats"]
+    prepared = load_or_build(location.path, compat, build, "tokenized_path", location.sources)
+    stats = prepared.metadata["stats"]
     logger.info(
         "pretraining data: %d train blocks, %d eval blocks of %d tokens (%s)",
         stats["train_blocks"],
         stats["eval_blocks"],
         data_args.block_size,
-        path,
+        prepared.path,
     )
-    eval_split = prepared.get("validation")
-    return PreparedData(prepared["train"], eval_split, path, built, metadata)
+    return prepared
 
 
 def _build(

@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.arguments import SFTDataArguments
-from llmtrain.data.cache import cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import PreparedData, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.conversations import Message, read_conversation_files
 from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
@@ -279,18 +279,7 @@ def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, end_of_turn: str) -
     return int(ids[0])
 
 
-@dataclass
-class PreparedSFTData:
-    """Encoded (and packed) train/eval sets, where they are stored, and their metadata."""
-
-    train: datasets.Dataset
-    eval: datasets.Dataset | None
-    path: Path
-    built: bool
-    metadata: dict[str, Any]  # compat, stats (counts, preview), sources (file fingerprints)
-
-
-def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedSFTData:
+def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load the encoded SFT dataset for this run, building (and checking) it first if needed."""
     end_of_turn_id = check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)
     compat = {
@@ -308,23 +297,22 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
     def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
         return _build(data_args, tokenizer, location.train_files, location.validation_files, end_of_turn_id)
 
-    path = location.path
-    prepared, metadata, built = load_or_build(path, compat, build, "tokenized_path", location.sources)
-    stats = metadata["stats"]
+    prepared = load_or_build(location.path, compat, build, "tokenized_path", location.sources)
+    stats = prepared.metadata["stats"]
     logger.info(
         "SFT data: %d train rows, %d eval rows; %d conversations kept, dropped %s, %d truncated "
         "(%d turns removed); supervised share %.1f%% (%s)",
-        len(prepared["train"]),
-        len(prepared["validation"]) if "validation" in prepared else 0,
+        len(prepared.train),
+        len(prepared.eval) if prepared.eval is not None else 0,
         stats["kept"],
         stats["dropped"],
         stats["truncated_samples"],
         stats["dropped_turns"],
         100 * stats["supervised_share"],
-        path,
+        prepared.path,
     )
     logger.info("encoded sample (supervised spans in [[ ]]):\n%s", stats["preview"])
-    return PreparedSFTData(prepared["train"], prepared.get("validation"), path, built, metadata)
+    return prepared
 
 
 def _build(
