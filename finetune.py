@@ -27,7 +27,8 @@ from llmtrain.modeling import build_model, check_sequence_length, load_model_con
 from llmtrain.training import (
     build_trainer,
     disable_unused_cpu_ops,
-    prepare_output_dir,
+    inspect_output_dir,
+    open_output_dir,
     run_cli,
     set_rank_log_level,
     train_and_save,
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> None:
     model_config = load_model_config(model_args)
     check_sequence_length(data_args.max_seq_length, model_config, "max_seq_length")
     run_config = resolved_config(model_args, data_args, method_args, training_args)
-    start = None if data_args.prepare_only else prepare_output_dir(training_args, run_config)
+    start = None if data_args.prepare_only else inspect_output_dir(training_args, run_config)
     if start is not None and start.already_finished:
         return
     with training_args.main_process_first(desc="encode conversations"):
@@ -57,9 +58,10 @@ def main(argv: list[str]) -> None:
     check_collated_batch(collator([data.train[i] for i in range(min(MASK_CHECK_ROWS, len(data.train)))]))
     if start is None:
         return
-    model = build_model(model_args, model_config, tokenizer)
+    model = build_model(model_args, model_config, tokenizer, training_args.seed)
     model = apply_finetuning_method(model, method_args, training_args.activation_checkpointing)
-    manifest = run_manifest(run_config, data.path, data.metadata)
+    open_output_dir(training_args, run_config, start)
+    manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
     trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collator, manifest)
     train_and_save(trainer, start, manifest)
 

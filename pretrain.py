@@ -18,7 +18,8 @@ from llmtrain.modeling import build_model, check_sequence_length, load_model_con
 from llmtrain.training import (
     build_trainer,
     disable_unused_cpu_ops,
-    prepare_output_dir,
+    inspect_output_dir,
+    open_output_dir,
     run_cli,
     set_rank_log_level,
     train_and_save,
@@ -38,15 +39,16 @@ def main(argv: list[str]) -> None:
     model_config = load_model_config(model_args)
     check_sequence_length(data_args.block_size, model_config, "block_size")
     run_config = resolved_config(model_args, data_args, training_args)
-    start = None if data_args.prepare_only else prepare_output_dir(training_args, run_config)
+    start = None if data_args.prepare_only else inspect_output_dir(training_args, run_config)
     if start is not None and start.already_finished:
         return
     with training_args.main_process_first(desc="tokenize"):
         data = prepare_pretrain_data(data_args, tokenizer)
     if start is None:
         return
-    model = build_model(model_args, model_config, tokenizer)
-    manifest = run_manifest(run_config, data.path, data.metadata)
+    model = build_model(model_args, model_config, tokenizer, training_args.seed)
+    open_output_dir(training_args, run_config, start)
+    manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
     trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collate_blocks, manifest)
     train_and_save(trainer, start, manifest)
 

@@ -12,6 +12,7 @@ naming it; cross-field rules live in each dataclass's ``__post_init__``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
 import json
@@ -35,6 +36,7 @@ TXT_SAMPLE_BY_CHOICES = ("line", "paragraph", "document")
 SWANLAB_MODE_CHOICES = ("cloud", "local", "offline", "disabled")
 TRUNCATION_STRATEGIES = ("drop_oldest_turns", "drop", "error")
 FINETUNING_TYPES = ("full", "lora", "partial")
+NONFINITE_POLICIES = ("stop", "skip")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -260,6 +262,13 @@ class TrainArguments(TrainingArguments):
     swanlab_log_dir: str | None = field(
         default=None, metadata={"help": "Where SwanLab writes run files; defaults to <output_dir>/swanlog."}
     )
+    nonfinite_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "A micro-batch with a NaN/inf loss never reaches the optimizer. stop: end the run with an "
+            "error naming the step (exit 3); skip: drop that micro-batch, log it and go on."
+        },
+    )
     # Set from report_to: transformers' own SwanLab hook crashes with swanlab >= 0.8, so we route it.
     use_swanlab: bool = field(default=False, init=False)
 
@@ -272,6 +281,8 @@ class TrainArguments(TrainingArguments):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.swanlab_mode is not None and self.swanlab_mode not in SWANLAB_MODE_CHOICES:
             raise ConfigError(f"swanlab_mode must be one of {', '.join(SWANLAB_MODE_CHOICES)}")
+        if self.nonfinite_policy not in NONFINITE_POLICIES:
+            raise ConfigError(f"nonfinite_policy must be one of {', '.join(NONFINITE_POLICIES)}")
         try:
             super().__post_init__()
         except ValueError as error:
@@ -357,14 +368,24 @@ def _scalar_to_token(value: Any) -> str:
 
 
 def split_config_path(argv: Sequence[str], default_config: Path | None) -> tuple[Path | None, list[str]]:
-    """Split ``[config.yaml] --k v ...`` into the config path (or the default) and the overrides."""
+    """Split ``[config.yaml] --k v ...`` into the config path (or the default) and the overrides.
+
+    DeepSpeed's launcher puts ``--local_rank=N`` before the script's own arguments; it is kept
+    as an override, after the config.
+
+    >>> split_config_path(["--local_rank=1", "run.yaml", "--seed", "3"], None)
+    (PosixPath('run.yaml'), ['--local_rank=1', '--seed', '3'])
+    """
     rest = list(argv)
+    launcher_flags = []
+    while rest and rest[0].startswith("--local_rank="):
+        launcher_flags.append(rest.pop(0))
     if rest and not rest[0].startswith("-"):
         first = rest.pop(0)
         if not first.endswith(YAML_SUFFIXES):
             raise ConfigError(f"the first argument must be a .yaml run config or a --flag, got {first!r}")
-        return Path(first), rest
-    return default_config, rest
+        return Path(first), launcher_flags + rest
+    return default_config, launcher_flags + rest
 
 
 def parse_args(
@@ -379,12 +400,13 @@ def parse_args(
     """
     config_path, overrides = split_config_path(argv, default_config)
     parser = HfArgumentParser(list(dataclass_types))  # type: ignore[arg-type]
+    parser.exit_on_error = False  # a bad value raises ArgumentError (one line) instead of printing the usage
     yaml_argv = yaml_to_argv(config_path, parser) if config_path is not None else []
     try:
         *instances, unknown = parser.parse_args_into_dataclasses(
             args=yaml_argv + overrides, return_remaining_strings=True
         )
-    except ValueError as error:
+    except (ValueError, argparse.ArgumentError) as error:
         raise ConfigError(str(error)) from error
     if unknown:
         raise ConfigError(f"unknown argument(s): {' '.join(unknown)}")

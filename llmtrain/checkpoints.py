@@ -22,6 +22,7 @@ from typing import Any
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from llmtrain.faults import FaultInjector
 from llmtrain.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -121,13 +122,15 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
 class CompleteCheckpointCallback(TrainerCallback):
     """After every save: wait for all ranks, then (rank 0) add the run manifest, write the marker, rotate."""
 
-    def __init__(self, keep: int | None, manifest: dict[str, Any]) -> None:
+    def __init__(self, keep: int | None, manifest: dict[str, Any], faults: FaultInjector | None = None) -> None:
         self.keep = keep
         self.manifest = manifest
+        self.faults = faults or FaultInjector(None, "")
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's optimizer shard and RNG state is on disk past this point
+        self.faults.maybe_kill("kill_during_save", state.global_step)
         if state.is_world_process_zero:
             checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
             write_manifest(checkpoint, self.manifest, state.global_step)

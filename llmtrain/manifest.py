@@ -1,6 +1,7 @@
 """The run manifest: what produced a checkpoint or a final model, written beside it.
 
-``run_manifest.json`` holds the resolved config (no secrets), package versions, the git commit
+``run_manifest.json`` holds the run id (SwanLab continues the same experiment on resume), the
+resolved config (no secrets), package versions, the git commit
 of this project when it is a checkout, the prepared dataset's location, data file fingerprints
 and its sample, token and dropped counts.
 """
@@ -46,9 +47,15 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
-def run_manifest(run_config: dict[str, Any], data_path: Path, data_metadata: dict[str, Any]) -> dict[str, Any]:
-    """Everything needed to say what produced a model (see module docstring)."""
+def run_manifest(
+    run_config: dict[str, Any], data_path: Path, data_metadata: dict[str, Any], run_id: str
+) -> dict[str, Any]:
+    """Everything needed to say what produced a model (see module docstring).
+
+    ``run_id`` names the run in trackers; a resumed run keeps the id its checkpoint holds.
+    """
     return {
+        "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": run_config,
         "packages": package_versions(),

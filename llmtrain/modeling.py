@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -83,9 +84,13 @@ def resolve_attn_implementation(requested: str) -> str:
 
 
 def build_model(
-    model_args: ModelArguments, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+    model_args: ModelArguments, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42
 ) -> PreTrainedModel:
     """Create the causal LM: fresh weights from ``config``, or pretrained weights.
+
+    The RNGs are seeded with ``seed`` (the run's ``seed``) first: the Trainer seeds only when it
+    is built, after the model, so without this two runs of one config start from different
+    weights (and LoRA adapters), and no rerun could reproduce a run.
 
     From scratch, the config's special-token ids are set from the tokenizer so that
     ``generate`` stops at EOS. The KV cache is switched off for training: with it on,
@@ -93,6 +98,7 @@ def build_model(
     """
     dtype = "auto" if model_args.dtype == "auto" else DTYPES[model_args.dtype]
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
+    transformers.set_seed(seed)
     if model_args.from_scratch:
         if len(tokenizer) > config.vocab_size:
             raise ConfigError(

@@ -1,9 +1,18 @@
-"""Preemption: SIGTERM or SIGINT finishes the current step, saves a complete checkpoint and stops.
+"""Stopping cleanly: preemption signals and non-finite losses, agreed on by every rank each step.
 
-Every rank checks, at the end of each optimizer step, whether any rank was signalled (one
-all-reduce of a single integer), so all ranks stop at the same step and save together. The run
-then ends with :data:`PREEMPTED_EXIT_CODE`; rerunning the same command resumes from that
-checkpoint. A second SIGINT (Ctrl-C twice) stops at once.
+At the end of each optimizer step every rank all-reduces two flags (one small tensor): "a rank
+was signalled" and "a rank saw a non-finite loss or gradient norm during this step".
+
+* SIGTERM or SIGINT: all ranks finish the step, save a complete checkpoint and stop; the run
+  ends with :data:`PREEMPTED_EXIT_CODE` and rerunning the same command resumes from there. A
+  second SIGINT (Ctrl-C twice) stops at once.
+* A NaN/inf loss: the micro-batch never reaches the optimizer (the trainer back-propagates an
+  exact zero in its place). With ``nonfinite_policy: stop`` all ranks then raise
+  :class:`TrainingDiverged` naming the step (exit :data:`DIVERGED_EXIT_CODE`; nothing is saved,
+  earlier checkpoints stay as they were); with ``skip`` the event is logged and training goes on.
+* A non-finite gradient norm (finite loss, overflowing gradients): the update is skipped
+  (DeepSpeed's ZeRO optimizer does so itself: its overflow check is on for fp32, fp16 and bf16;
+  without DeepSpeed the trainer drops the gradients first); the policy then decides as above.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; distinct from success, crashes (1) and bad input (2)
+DIVERGED_EXIT_CODE = 3  # a rerun would hit the same batch again: launchers do not retry it
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -27,12 +37,19 @@ class TrainingPreempted(Exception):
     """Training stopped on a signal after saving a complete checkpoint; resume by rerunning."""
 
 
-class PreemptionCallback(TrainerCallback):
-    """Turns SIGTERM/SIGINT into "save at the end of this step, then stop" on every rank."""
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient norm under ``nonfinite_policy: stop``."""
 
-    def __init__(self) -> None:
+
+class StepGuardCallback(TrainerCallback):
+    """Per-step agreement between ranks on preemption signals and non-finite losses (module docstring)."""
+
+    def __init__(self, nonfinite_policy: str = "stop") -> None:
+        self.nonfinite_policy = nonfinite_policy
         self.signal_name: str | None = None
         self.preempted_at_step: int | None = None
+        self.nonfinite_in_step: list[str] = []
+        self.skipped_nonfinite: list[dict[str, Any]] = []
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -41,6 +58,11 @@ class PreemptionCallback(TrainerCallback):
         self.signal_name = signal.Signals(signum).name
         logger.warning("%s received: finishing this step, then saving a checkpoint and stopping", self.signal_name)
 
+    def report_nonfinite(self, step: int, what: str) -> None:
+        """Called by the trainer for a NaN/inf loss or gradient norm it has already kept from the optimizer."""
+        logger.warning("step %d: %s", step, what)
+        self.nonfinite_in_step.append(what)
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -48,10 +70,22 @@ class PreemptionCallback(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        requested = torch.tensor([1 if self.signal_name else 0], device=args.device)
+        flags = torch.tensor([1 if self.signal_name else 0, len(self.nonfinite_in_step)], device=args.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-        if requested.item():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, nonfinite = (int(value) for value in flags.tolist())
+        if nonfinite:
+            local = "; ".join(self.nonfinite_in_step) or "on another rank"
+            self.nonfinite_in_step = []
+            if self.nonfinite_policy == "stop":
+                raise TrainingDiverged(
+                    f"non-finite values at step {state.global_step} ({local}); stopped before the optimizer used "
+                    "them (nonfinite_policy: stop). Nothing was saved for this step; lower the learning rate or "
+                    "check the data, then rerun to resume from the last complete checkpoint, or set "
+                    "nonfinite_policy: skip"
+                )
+            self.skipped_nonfinite.append({"step": state.global_step, "what": local})
+        if signalled:
             self.preempted_at_step = state.global_step
             control.should_save = True
             control.should_training_stop = True

@@ -38,8 +38,12 @@ def resolve_swanlab_mode(requested: str | None) -> str:
     return "cloud" if os.environ.get("SWANLAB_API_KEY") else "local"
 
 
-def swanlab_callbacks(args: TrainArguments, run_config: dict[str, Any]) -> list[TrainerCallback]:
-    """SwanLab's own Trainer callback when ``report_to`` named swanlab, else nothing."""
+def swanlab_callbacks(args: TrainArguments, run_config: dict[str, Any], run_id: str) -> list[TrainerCallback]:
+    """SwanLab's own Trainer callback when ``report_to`` named swanlab, else nothing.
+
+    The SwanLab run is opened with ``id=run_id, resume="allow"``: a resumed training run (same
+    id, kept in its checkpoint's manifest) continues the same experiment instead of a new one.
+    """
     if not args.use_swanlab:
         return []
     from swanlab.integration.transformers import SwanLabCallback
@@ -48,9 +52,10 @@ def swanlab_callbacks(args: TrainArguments, run_config: dict[str, Any]) -> list[
     experiment_name = args.swanlab_experiment_name or Path(str(args.output_dir)).name
     if args.should_log:
         logger.info(
-            "SwanLab: project %s, experiment %s, mode %s, files in %s",
+            "SwanLab: project %s, experiment %s, run id %s, mode %s, files in %s",
             args.swanlab_project,
             experiment_name,
+            run_id,
             mode,
             args.swanlab_log_dir,
         )
@@ -60,6 +65,11 @@ def swanlab_callbacks(args: TrainArguments, run_config: dict[str, Any]) -> list[
         log_dir=args.swanlab_log_dir,
         mode=mode,
     )
+    # The callback's constructor has no id/resume parameters but hands these kwargs to swanlab.init.
+    init_kwargs = getattr(callback, "_init_kwargs", None)
+    if not isinstance(init_kwargs, dict):
+        raise RuntimeError("this swanlab version's SwanLabCallback has no _init_kwargs; use the pinned swanlab")
+    init_kwargs.update(id=run_id, resume="allow")
     callback.update_config({"llmtrain": run_config})
     return [callback]
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -23,15 +25,32 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 import yaml
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from llmtrain.arguments import TrainArguments
 from llmtrain.checkpoints import CompleteCheckpointCallback, find_resume_checkpoint, list_checkpoints
 from llmtrain.errors import USER_ERROR_EXIT_CODE, ConfigError, UserInputError
-from llmtrain.manifest import write_manifest
-from llmtrain.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
+from llmtrain.faults import FaultInjector
+from llmtrain.ledger import DataLedger
+from llmtrain.manifest import MANIFEST_FILE, write_manifest
+from llmtrain.preemption import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    StepGuardCallback,
+    TrainingDiverged,
+    TrainingPreempted,
+)
 from llmtrain.tracking import PerplexityCallback, plot_loss_curve, swanlab_callbacks
 
 logger = logging.getLogger(__name__)
@@ -51,6 +70,17 @@ VOLATILE_KEYS = frozenset(
         "ddp_timeout", "deepspeed", "use_cpu", "disable_tqdm", "log_level", "log_level_replica",
         "swanlab_project", "swanlab_experiment_name", "swanlab_mode", "swanlab_log_dir",
         "prepare_only", "preprocessing_num_workers", "tokenized_path", "dataset_cache_dir", "run_name",
+    }
+)  # fmt: skip
+
+
+# Settings that decide which parameters exist and how they are shaped or initialised: a checkpoint
+# written under other values would load partially (or into the wrong modules), so resuming is refused.
+STRUCTURAL_KEYS = frozenset(
+    {
+        "model_name_or_path", "config_name", "tokenizer_name_or_path", "finetuning_type", "lora_r", "lora_alpha",
+        "lora_dropout", "lora_target_modules", "layers_to_transform", "trainable_last_n_layers", "train_final_norm",
+        "train_lm_head",
     }
 )  # fmt: skip
 
@@ -97,7 +127,8 @@ def disable_unused_cpu_ops() -> None:
 
 
 def run_cli(main: Callable[[list[str]], None]) -> int:
-    """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75."""
+    """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75,
+    a non-finite loss under ``nonfinite_policy: stop`` exit 3."""
     setup_logging()
     try:
         main(sys.argv[1:])
@@ -107,6 +138,9 @@ def run_cli(main: Callable[[list[str]], None]) -> int:
     except TrainingPreempted as stopped:
         logger.warning("%s", stopped)
         return PREEMPTED_EXIT_CODE
+    except TrainingDiverged as diverged:
+        logger.error("%s", diverged)
+        return DIVERGED_EXIT_CODE
     return 0
 
 
@@ -121,22 +155,24 @@ class RunStart:
 
     resume_from: Path | None
     already_finished: bool
+    # start_over with something in output_dir: move it aside to previous/ when the dir is opened.
+    archive_first: bool = False
+    # Names the experiment in trackers (SwanLab's run id); kept in every checkpoint so a resume continues it.
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            self.run_id = _saved_run_id(self.resume_from) or new_run_id()
 
 
-def prepare_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunStart:
-    """Apply the output-dir rules (module docstring); the main process moves and writes, others only read."""
+def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunStart:
+    """Apply the output-dir rules (module docstring) without writing anything; every rank may call it.
+
+    Raises :class:`ConfigError` for an output dir this run must not touch. Nothing is written
+    until :func:`open_output_dir`, which the entry points call only once the data and the model
+    are built, so a bad input never leaves a half-initialised output dir behind.
+    """
     output_dir = Path(str(args.output_dir))
-    with args.main_process_first(local=False, desc="check output_dir"):
-        start = _inspect_output_dir(output_dir, run_config, args.start_over, may_write=args.should_save)
-        if args.should_save and not start.already_finished:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
-    if start.resume_from is not None:
-        logger.info("resuming from %s (step %s)", start.resume_from, start.resume_from.name.split("-")[-1])
-    return start
-
-
-def _inspect_output_dir(output_dir: Path, run_config: dict[str, Any], start_over: bool, may_write: bool) -> RunStart:
     saved_config_path = output_dir / RUN_CONFIG_FILE
     saved_config = yaml.safe_load(saved_config_path.read_text()) if saved_config_path.is_file() else None
     has_model = any((output_dir / name).is_file() for name in FINAL_MODEL_FILES)
@@ -144,10 +180,8 @@ def _inspect_output_dir(output_dir: Path, run_config: dict[str, Any], start_over
     differing = _differing_keys(saved_config, run_config)
     same_run = saved_config is not None and not differing
 
-    if start_over and (has_model or checkpoints or saved_config is not None):
-        if may_write:
-            _archive(output_dir)
-        return RunStart(resume_from=None, already_finished=False)
+    if args.start_over and (has_model or checkpoints or saved_config is not None):
+        return RunStart(resume_from=None, already_finished=False, archive_first=True)
     if has_model and not same_run:
         detail = f"settings differ: {', '.join(differing)}" if saved_config is not None else "no run_config.yaml"
         raise ConfigError(
@@ -157,9 +191,60 @@ def _inspect_output_dir(output_dir: Path, run_config: dict[str, Any], start_over
     if same_run and (output_dir / SUMMARY_FILE).is_file():
         logger.info("%s already holds the finished model of this run; nothing to do", output_dir)
         return RunStart(resume_from=None, already_finished=True)
+    resume_from = find_resume_checkpoint(output_dir)
+    if resume_from is not None:
+        _check_structure_unchanged(resume_from, run_config)
+        logger.info("resuming from %s (step %s)", resume_from, resume_from.name.split("-")[-1])
     if checkpoints and differing and saved_config is not None:
         logger.warning("resuming with changed settings: %s", ", ".join(differing))
-    return RunStart(resume_from=find_resume_checkpoint(output_dir), already_finished=False)
+    return RunStart(resume_from=resume_from, already_finished=False)
+
+
+def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: RunStart) -> None:
+    """Create ``output_dir`` (moving an old run aside first under ``start_over``) and record the config.
+
+    Only the main process writes; the other ranks wait for it.
+    """
+    output_dir = Path(str(args.output_dir))
+    with args.main_process_first(local=False, desc="open output_dir"):
+        if args.should_save:
+            if start.archive_first:
+                _archive(output_dir)
+            probe = output_dir / f".write-probe-{os.getpid()}"
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                probe.write_text("")
+                probe.unlink()
+            except OSError as error:
+                raise ConfigError(f"output_dir {output_dir} is not writable: {error.strerror}") from error
+            (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
+
+
+def _check_structure_unchanged(checkpoint: Path, run_config: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` under settings that change the trained parameters (STRUCTURAL_KEYS)."""
+    manifest_path = checkpoint / MANIFEST_FILE
+    saved = json.loads(manifest_path.read_text()).get("config", {}) if manifest_path.is_file() else {}
+    changed = sorted(key for key in STRUCTURAL_KEYS if key in saved and saved[key] != run_config.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved[key]!r} -> {run_config.get(key)!r}" for key in changed)
+        raise ConfigError(
+            f"output_dir {checkpoint.parent}: {checkpoint.name} was trained with other model/adapter settings "
+            f"({details}); resuming would load it partially. Restore those settings, choose another output_dir, "
+            "or pass --start_over true to move the old run aside"
+        )
+
+
+def new_run_id() -> str:
+    """A fresh run id: 21 lowercase letters and digits, the shape SwanLab's own ids have."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(21))
+
+
+def _saved_run_id(checkpoint: Path | None) -> str | None:
+    if checkpoint is None or not (checkpoint / MANIFEST_FILE).is_file():
+        return None
+    run_id = json.loads((checkpoint / MANIFEST_FILE).read_text()).get("run_id")
+    return str(run_id) if run_id else None
 
 
 def _differing_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
@@ -179,6 +264,71 @@ def _archive(output_dir: Path) -> None:
     logger.warning("start_over: moved the previous contents of %s to %s", output_dir, archive)
 
 
+class LlmTrainer(Trainer):
+    """The HF Trainer plus a data-order ledger, the non-finite guard and the fault-injection points.
+
+    Everything else (loss, DeepSpeed, resume of model/optimizer/scheduler/RNG state and the
+    skip-based data resume) is the stock Trainer's.
+    """
+
+    def __init__(self, *args: Any, step_guard: StepGuardCallback, ledger: DataLedger, faults: FaultInjector,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.step_guard = step_guard
+        self.ledger = ledger
+        self.faults = faults
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        step = self.state.global_step + 1
+        if len(self.ledger.pending) == 1:  # the first micro-batch of this step is back-propagated by now
+            self.faults.maybe_kill("kill_in_accumulation", step)
+        micro_batch = len(self.ledger.pending)
+        self.ledger.record(inputs)
+        loss: Any = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if micro_batch == 0 and self.args.process_index == 0 and self.faults.armed("nan_loss", step):
+            loss = loss * float("nan")
+        if not bool(torch.isfinite(loss).all()):
+            self.step_guard.report_nonfinite(
+                step, f"loss {loss.item()} on micro-batch {micro_batch} (hash {self.ledger.pending[-1]})"
+            )
+            # Back-propagating exact zeros keeps DeepSpeed's micro-step accounting and adds nothing.
+            loss = sum((param.sum() for param in model.parameters() if param.requires_grad), torch.zeros(())) * 0.0
+        return loss
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if norm is not None and not math.isfinite(float(norm)):
+            if not self.is_deepspeed_enabled:
+                model.zero_grad(set_to_none=True)  # optimizer.step() leaves parameters without gradients alone
+            self.step_guard.report_nonfinite(self.state.global_step + 1, f"gradient norm {float(norm)}; update skipped")
+        return norm
+
+
+class RunRecordCallback(TrainerCallback):
+    """Appends each step's data-order ledger line and fires the step-level fault points."""
+
+    def __init__(self, ledger: DataLedger, faults: FaultInjector) -> None:
+        self.ledger = ledger
+        self.faults = faults
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.faults.first_step = state.global_step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.ledger.end_step(state.global_step)
+        self.faults.maybe_kill("kill_after_step", state.global_step)
+
+
 def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -187,10 +337,11 @@ def build_trainer(
     eval_dataset: datasets.Dataset | None,
     data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
     manifest: dict[str, Any],
-) -> Trainer:
-    """A Trainer with complete-checkpoint marking, perplexity logging and, when asked for, SwanLab.
+) -> LlmTrainer:
+    """A Trainer with complete-checkpoint marking, the step guard, the ledger, perplexity and SwanLab.
 
-    ``manifest`` (see :mod:`llmtrain.manifest`) is written into every checkpoint.
+    ``manifest`` (see :mod:`llmtrain.manifest`) is written into every checkpoint; its ``run_id``
+    names the SwanLab run.
     """
     eval_strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
     if eval_dataset is None and eval_strategy != "no":
@@ -200,7 +351,10 @@ def build_trainer(
         )
     # The Trainer rotates by mtime before the other ranks finish saving; ours waits for the marker.
     keep_checkpoints, args.save_total_limit = args.save_total_limit, None
-    return Trainer(
+    faults = FaultInjector(Path(str(args.output_dir)))
+    ledger = DataLedger(Path(str(args.output_dir)), args.process_index)
+    step_guard = StepGuardCallback(args.nonfinite_policy)
+    return LlmTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -209,14 +363,18 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[
             PerplexityCallback(),
-            CompleteCheckpointCallback(keep=keep_checkpoints, manifest=manifest),
-            PreemptionCallback(),
-            *swanlab_callbacks(args, manifest["config"]),
+            step_guard,
+            CompleteCheckpointCallback(keep=keep_checkpoints, manifest=manifest, faults=faults),
+            RunRecordCallback(ledger, faults),
+            *swanlab_callbacks(args, manifest["config"], manifest["run_id"]),
         ],
+        step_guard=step_guard,
+        ledger=ledger,
+        faults=faults,
     )
 
 
-def train_and_save(trainer: Trainer, start: RunStart, manifest: dict[str, Any]) -> dict[str, Any]:
+def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if ``start`` says so), save the final model, summary and loss curve.
 
     Returns the summary written to ``train_summary.json``.
@@ -224,11 +382,11 @@ def train_and_save(trainer: Trainer, start: RunStart, manifest: dict[str, Any]) 
     args = trainer.args
     result = trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
     output_dir = Path(str(args.output_dir))
-    preemption = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback))
-    if preemption.preempted_at_step is not None:
+    guard = trainer.step_guard
+    if guard.preempted_at_step is not None:
         raise TrainingPreempted(
-            f"stopped on {preemption.signal_name or 'a signal on another rank'} after saving "
-            f"{output_dir / f'checkpoint-{preemption.preempted_at_step}'}; rerun the same command to resume"
+            f"stopped on {guard.signal_name or 'a signal on another rank'} after saving "
+            f"{output_dir / f'checkpoint-{guard.preempted_at_step}'}; rerun the same command to resume"
         )
     # Trained with the cache off (see build_model); inference wants it back on.
     model: Any = trainer.model
@@ -250,6 +408,7 @@ def train_and_save(trainer: Trainer, start: RunStart, manifest: dict[str, Any]) 
         "engine": type(engine).__name__,
         "zero_stage": engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None,
         "train_loss": result.training_loss,
+        "skipped_nonfinite": guard.skipped_nonfinite,
         "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
     }
     if args.should_save:

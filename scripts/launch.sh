@@ -9,6 +9,7 @@
 #                on each node (torchrun rendezvous)
 # Other knobs: PYTHON (default: the project's .venv), DS_CONFIG (default ds_config_zero2.json),
 #   MAX_RESTARTS (default 2): a crashed run is restarted, resuming, while it keeps making progress.
+#   SKIP_DOCTOR=1 skips the preflight (python -m llmtrain.tools.doctor STAGE --fast) run before training.
 # The command line and the full log are written to <output_dir>/logs/.
 set -euo pipefail
 
@@ -78,6 +79,20 @@ echo >>"$log_dir/launch-$stamp.sh"
 echo "launch: ${cmd[*]}" | tee "$log_dir/launch-$stamp.log"
 echo "log: $log_dir/launch-$stamp.log"
 
+# Preflight: config, GPUs vs ranks, tokenizer, data files, output dir, disk (llmtrain/tools/doctor.py --fast).
+if [[ "${SKIP_DOCTOR:-0}" != 1 ]]; then
+  set +e
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m llmtrain.tools.doctor "$(basename "$ENTRY" .py)" --fast \
+    "${args[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
+  status=${PIPESTATUS[0]}
+  set -e
+  if (( status != 0 )); then
+    echo "launch: preflight failed (exit $status); fix the ERROR lines above (SKIP_DOCTOR=1 skips the check)" \
+      | tee -a "$log_dir/launch-$stamp.log"
+    exit "$status"
+  fi
+fi
+
 # Newest step with a completion marker (-1 when none): how a restart's progress is judged.
 newest_complete_step() {
   local best=-1 marker step
@@ -90,20 +105,34 @@ newest_complete_step() {
   echo "$best"
 }
 
+# torchrun exits 1 whatever its workers' codes were; its failure report lists them ("exitcode  : 75").
+# When every failed worker agrees on one of our codes, that code is the run's.
+worker_exit_code() {
+  local codes
+  codes=$(tail -n "+$1" "$log_dir/launch-$stamp.log" | grep -oE 'exitcode *: *[0-9]+' | grep -oE '[0-9]+$' | sort -u)
+  [[ -n "$codes" && $(wc -l <<<"$codes") -eq 1 ]] && echo "$codes"
+}
+
 # A crashed run is restarted (it resumes by itself) up to MAX_RESTARTS times, but only while
-# each attempt leaves a newer complete checkpoint behind. Bad input (2) and preemption (75)
-# are never retried.
+# each attempt leaves a newer complete checkpoint behind. Bad input (2), a non-finite loss under
+# nonfinite_policy: stop (3) and preemption (75) are never retried.
 export PYTHONUNBUFFERED=1
 restarts=0
 while true; do
   before=$(newest_complete_step)
+  first_line=$(( $(wc -l <"$log_dir/launch-$stamp.log") + 1 ))
   set +e
   "${cmd[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
   status=${PIPESTATUS[0]}
   set -e
+  if (( status == 1 )) && [[ "${launcher[*]}" == *torch.distributed.run* ]]; then
+    worker_status=$(worker_exit_code "$first_line" || true)
+    [[ "$worker_status" =~ ^(2|3|75)$ ]] && status=$worker_status
+  fi
   case "$status" in
     0) exit 0 ;;
     2) echo "launch: bad input or configuration (exit 2); not retrying" | tee -a "$log_dir/launch-$stamp.log"; exit 2 ;;
+    3) echo "launch: non-finite loss or gradients (exit 3); not retrying" | tee -a "$log_dir/launch-$stamp.log"; exit 3 ;;
     75) echo "launch: stopped on a signal after saving a complete checkpoint (exit 75); rerun to resume" \
           | tee -a "$log_dir/launch-$stamp.log"; exit 75 ;;
   esac

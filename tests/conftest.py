@@ -59,6 +59,8 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"),
         SWANLAB_MODE="local",
         PYTHONPATH=str(REPO_ROOT),
+        # The launchers' preflight costs ~10 s of imports per launch; tests that check it set SKIP_DOCTOR=0.
+        SKIP_DOCTOR="1",
     )
     env.update(extra)
     return env

@@ -122,9 +122,11 @@ def test_cjk_and_line_separators_round_trip_exactly(tmp_path: Path) -> None:
     assert read_conversation_files([path])[0]["messages"] == expected
 
 
-def test_a_conversation_without_an_assistant_turn_is_returned(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "anyone?"}]}])
-    assert read_conversations(path)[0]["messages"] == messages(("user", "anyone?"))
+def test_a_conversation_without_an_assistant_turn_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "a.jsonl", [good, {"messages": [{"role": "user", "content": "anyone?"}]}])
+    with pytest.raises(DataError, match=r"a\.jsonl:2: no assistant turn"):
+        read_conversations(path)
 
 
 def turns(*items: object) -> str:

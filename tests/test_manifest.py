@@ -10,7 +10,7 @@ from llmtrain.manifest import git_commit, package_versions, run_manifest, write_
 
 def test_manifest_records_versions_commit_config_and_data(tmp_path: Path) -> None:
     data = {"stats": {"train_blocks": 3}, "sources": {"train": [{"path": "/d/a.jsonl", "size": 9}]}}
-    manifest = run_manifest({"learning_rate": 0.001}, tmp_path / "tok", data)
+    manifest = run_manifest({"learning_rate": 0.001}, tmp_path / "tok", data, "abc")
     write_manifest(tmp_path, manifest, global_step=12)
     saved = json.loads((tmp_path / "run_manifest.json").read_text())
     assert saved["global_step"] == 12

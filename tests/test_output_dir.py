@@ -12,9 +12,17 @@ import yaml
 from llmtrain.arguments import TrainArguments
 from llmtrain.checkpoints import find_resume_checkpoint, write_completion_marker
 from llmtrain.errors import ConfigError
-from llmtrain.training import RUN_CONFIG_FILE, SUMMARY_FILE, prepare_output_dir
+from llmtrain.training import RUN_CONFIG_FILE, SUMMARY_FILE, RunStart, inspect_output_dir, open_output_dir
 
 RUN = {"learning_rate": 1e-3, "block_size": 64, "logging_steps": 10}
+
+
+def prepare_output_dir(args: TrainArguments, run_config: dict) -> RunStart:
+    """What an entry point does around its data and model building: inspect, then open."""
+    start = inspect_output_dir(args, run_config)
+    if not start.already_finished:
+        open_output_dir(args, run_config, start)
+    return start
 
 
 def train_args(output_dir: Path, **overrides: object) -> TrainArguments:

@@ -14,8 +14,8 @@ the shape ``tokenizer.apply_chat_template`` takes, so training sees the same rol
 Reading is plain Python, one ``json.loads`` per line, so every bad record is reported as
 ``file:line: problem`` (``file: record N: problem`` inside a ``.json`` array) in a
 :class:`~llmtrain.errors.DataError`. A ``.json`` file that does not start with ``[`` is read as
-JSON lines, as ``datasets`` does. Conversations without an assistant turn are returned as they
-are: the encoder drops and counts them.
+JSON lines, as ``datasets`` does. A conversation without an assistant turn is an error: it has
+nothing to learn from, and a file full of them is usually the wrong role mapping.
 """
 
 from __future__ import annotations
@@ -88,8 +88,7 @@ def normalise_record(record: object, fmt: str, where: str, default_system_prompt
     With ``default_system_prompt``, a conversation without a system message gets one prepended.
     Contents are kept exactly as written. Raises :class:`DataError` naming ``where`` when the record
     is in another format than ``fmt``, or a turn is not an object, has an unknown role, or has
-    no content (missing, null, not a string, or blank). A conversation without an assistant
-    turn is returned as it is.
+    no content (missing, null, not a string, or blank), or the conversation has no assistant turn.
 
     >>> normalise_record({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
     ...                  "sharegpt", "a.jsonl:1")
@@ -110,6 +109,8 @@ def normalise_record(record: object, fmt: str, where: str, default_system_prompt
         )
     assert isinstance(record, dict)  # detect_format checked it
     messages = _alpaca_messages(record, where) if fmt == "alpaca" else _turn_messages(record, fmt, where)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{where}: no assistant turn (nothing to learn from); every conversation needs one")
     for number, message in enumerate(messages[1:], start=2):
         if message["role"] == "system":
             raise DataError(f"{where}: system message in turn {number}; a system message may only be the first turn")

@@ -1,0 +1,138 @@
+"""Check that an interrupted and resumed run equals an uninterrupted one, on your own config.
+
+    python -m llmtrain.tools.verify_resume pretrain [configs/X.yaml] [--key value ...] \\
+        --steps 8 --kill_after 5 --workdir /tmp/verify
+    python -m llmtrain.tools.verify_resume sft configs/sft_tiny_full.yaml --steps 6 --kill_after 4
+
+Runs the stage's launcher (``pretrain.sh`` / ``finetune.sh``, so the same ranks, DeepSpeed
+config and GPUs as a real launch; ``NPROC=2`` for two CPU ranks) twice from scratch, each for
+``--steps`` optimizer steps with a checkpoint every ``--save_every`` steps:
+
+1. ``reference``: uninterrupted;
+2. ``resumed``: every rank is SIGKILLed right after step ``--kill_after`` (see
+   :mod:`llmtrain.faults`, ``--fault`` picks another point), and the launcher's automatic
+   restart resumes it from the last complete checkpoint.
+
+Then it compares the two: per-step training losses and every tensor of the final weights
+(bit for bit unless ``--atol`` is given) and the data-order ledger (the same batches at every
+step on every rank: none skipped, none repeated). Exit 0 when they match, 1 with the
+differences listed when not. Training runs in fp32 by default (``--bf16 false``): bf16 CPU
+kernels and some GPU kernels are not bitwise reproducible, which would hide a real difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from llmtrain.errors import ConfigError
+from llmtrain.faults import FAULT_ENV, FAULT_POINTS
+from llmtrain.ledger import ledger_differences, read_ledger
+from llmtrain.training import SUMMARY_FILE, run_cli
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LAUNCHERS = {"pretrain": "pretrain.sh", "sft": "finetune.sh"}
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    """``{step: training loss}`` from a finished run's ``trainer_state.json``."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {int(entry["step"]): float(entry["loss"]) for entry in history if "loss" in entry}
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the final model (or adapter) saved in ``output_dir``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in WEIGHT_FILES:
+        if (output_dir / name).is_file():
+            tensors.update({f"{name}:{key}": value for key, value in load_file(output_dir / name).items()})
+    for shard in sorted(output_dir.glob("model-*-of-*.safetensors")):
+        tensors.update({f"{shard.name}:{key}": value for key, value in load_file(shard).items()})
+    return tensors
+
+
+def compare_runs(reference: Path, resumed: Path, atol: float = 0.0) -> list[str]:
+    """Differences between two finished runs: losses, final weights, data order (empty: identical)."""
+    problems = []
+    want_losses, got_losses = step_losses(reference), step_losses(resumed)
+    if want_losses.keys() != got_losses.keys():
+        problems.append(f"logged steps differ: {sorted(want_losses)} vs {sorted(got_losses)}")
+    for step in sorted(want_losses.keys() & got_losses.keys()):
+        if abs(want_losses[step] - got_losses[step]) > atol:
+            problems.append(f"loss at step {step}: {want_losses[step]!r} vs {got_losses[step]!r}")
+    want_weights, got_weights = final_weights(reference), final_weights(resumed)
+    if not want_weights:
+        problems.append(f"no final weights in {reference}")
+    if want_weights.keys() != got_weights.keys():
+        problems.append("the final weight files hold different tensors")
+    for name in sorted(want_weights.keys() & got_weights.keys()):
+        difference = (want_weights[name].double() - got_weights[name].double()).abs().max().item()
+        if difference > atol or (atol == 0.0 and not torch.equal(want_weights[name], got_weights[name])):
+            problems.append(f"weight {name}: max abs difference {difference:.3g}")
+    problems += ledger_differences(read_ledger(reference), read_ledger(resumed))
+    return problems
+
+
+def launch(stage: str, user_args: list[str], output_dir: Path, fault: str | None, run_args: list[str]) -> None:
+    """One launch through the stage's launcher; its log goes to ``output_dir.log``."""
+    env = {key: value for key, value in os.environ.items() if key != FAULT_ENV}
+    if fault:
+        env[FAULT_ENV] = fault
+        env["MAX_RESTARTS"] = "1"
+    command = ["bash", str(PROJECT_ROOT / LAUNCHERS[stage]), *user_args, "--output_dir", str(output_dir), *run_args]
+    log_path = output_dir.with_suffix(".log")
+    logger.info("%s run: %s (log %s)", "interrupted" if fault else "reference", " ".join(command), log_path)
+    with log_path.open("w") as log:
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    if status != 0 or not (output_dir / SUMMARY_FILE).is_file():
+        raise ConfigError(f"the {'interrupted' if fault else 'reference'} run failed (exit {status}); see {log_path}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(LAUNCHERS))
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps of each run")
+    parser.add_argument("--kill_after", type=int, default=5, help="the step at which every rank is killed")
+    parser.add_argument("--save_every", type=int, default=2, help="checkpoint interval (steps)")
+    parser.add_argument("--fault", choices=FAULT_POINTS[:3], default="kill_after_step")
+    parser.add_argument("--workdir", type=Path, default=Path("outputs/verify_resume"))
+    parser.add_argument("--atol", type=float, default=0.0, help="tolerance; 0 means bitwise equal")
+    options, user_args = parser.parse_known_args(argv)
+    if not options.save_every <= options.kill_after <= options.steps:
+        raise ConfigError("need --save_every <= --kill_after <= --steps (a checkpoint must exist before the kill)")
+    workdir = options.workdir.resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        raise ConfigError(f"--workdir {workdir} is not empty; give a new or empty directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_args = [
+        "--max_steps", str(options.steps), "--save_steps", str(options.save_every), "--logging_steps", "1",
+        "--eval_strategy", "no", "--report_to", "none", "--bf16", "false", "--disable_tqdm", "true",
+        "--dataset_cache_dir", str(workdir / "dataset_cache"),
+    ]  # fmt: skip
+    launch(options.stage, user_args, workdir / "reference", None, run_args)
+    launch(options.stage, user_args, workdir / "resumed", f"{options.fault}={options.kill_after}", run_args)
+    problems = compare_runs(workdir / "reference", workdir / "resumed", options.atol)
+    if problems:
+        for problem in problems:
+            logger.error("verify_resume: %s", problem)
+        raise SystemExit(1)
+    logger.info(
+        "verify_resume: identical: %d step losses, %d weight tensors and the data order of every rank match",
+        len(step_losses(workdir / "reference")),
+        len(final_weights(workdir / "reference")),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
