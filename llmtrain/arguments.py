@@ -265,8 +265,8 @@ class TrainArguments(TrainingArguments):
     nonfinite_policy: str = field(
         default="stop",
         metadata={
-            "help": "A micro-batch with a NaN/inf loss never reaches the optimizer. stop: end the run with an "
-            "error naming the step (exit 3); skip: drop that micro-batch, log it and go on."
+            "help": "A NaN/inf loss or gradient norm never reaches the weights (that optimizer update is "
+            "skipped). stop: then end the run with an error naming the step (exit 3); skip: log it and go on."
         },
     )
     # Set from report_to: transformers' own SwanLab hook crashes with swanlab >= 0.8, so we route it.

@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,43 @@ def checkpoint_problem(checkpoint: Path, verify_checksums: bool = False) -> str 
         if verify_checksums and file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
+
+
+def saved_world_size(checkpoint: Path) -> int | None:
+    """The number of ranks that wrote ``checkpoint`` (from its completion marker), if recorded."""
+    marker = checkpoint / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    size = json.loads(marker.read_text()).get("world_size")
+    return int(size) if size is not None else None
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """Convert ``checkpoint``'s ZeRO shards to DeepSpeed's universal format (loadable on any world size).
+
+    Writes ``global_stepN_universal/`` (built aside, then renamed) and ``latest_universal`` next to
+    the original shards, which stay as they were. Returns the universal folder; an existing one is
+    reused.
+    """
+    tag = (checkpoint / "latest").read_text().strip()
+    universal = checkpoint / f"{tag}_universal"
+    if not universal.is_dir():
+        staging = checkpoint / f".{tag}_universal.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint / tag),
+            "--output_folder", str(staging), "--inject_missing_state",
+        ]  # fmt: skip
+        logger.info("converting %s to a universal checkpoint: %s", checkpoint, " ".join(command))
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            output = result.stdout[-2000:] + result.stderr[-2000:]
+            raise RuntimeError(f"ds_to_universal failed on {checkpoint}:\n{output}")
+        os.replace(staging, universal)
+    latest = checkpoint / ".latest_universal.tmp"
+    latest.write_text(universal.name)
+    os.replace(latest, checkpoint / "latest_universal")
+    return universal
 
 
 def find_resume_checkpoint(output_dir: Path) -> Path | None:

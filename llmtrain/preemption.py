@@ -6,8 +6,8 @@ was signalled" and "a rank saw a non-finite loss or gradient norm during this st
 * SIGTERM or SIGINT: all ranks finish the step, save a complete checkpoint and stop; the run
   ends with :data:`PREEMPTED_EXIT_CODE` and rerunning the same command resumes from there. A
   second SIGINT (Ctrl-C twice) stops at once.
-* A NaN/inf loss: the micro-batch never reaches the optimizer (the trainer back-propagates an
-  exact zero in its place). With ``nonfinite_policy: stop`` all ranks then raise
+* A NaN/inf loss: its gradients make the step's gradient norm non-finite and that optimizer
+  update is skipped (see :class:`llmtrain.training.LlmTrainer`). With ``nonfinite_policy: stop`` all ranks then raise
   :class:`TrainingDiverged` naming the step (exit :data:`DIVERGED_EXIT_CODE`; nothing is saved,
   earlier checkpoints stay as they were); with ``skip`` the event is logged and training goes on.
 * A non-finite gradient norm (finite loss, overflowing gradients): the update is skipped

@@ -39,7 +39,13 @@ from transformers import (
 )
 
 from llmtrain.arguments import TrainArguments
-from llmtrain.checkpoints import CompleteCheckpointCallback, find_resume_checkpoint, list_checkpoints
+from llmtrain.checkpoints import (
+    CompleteCheckpointCallback,
+    convert_to_universal,
+    find_resume_checkpoint,
+    list_checkpoints,
+    saved_world_size,
+)
 from llmtrain.errors import USER_ERROR_EXIT_CODE, ConfigError, UserInputError
 from llmtrain.faults import FaultInjector
 from llmtrain.ledger import DataLedger
@@ -267,6 +273,11 @@ def _archive(output_dir: Path) -> None:
 class LlmTrainer(Trainer):
     """The HF Trainer plus a data-order ledger, the non-finite guard and the fault-injection points.
 
+    A non-finite gradient norm never reaches the weights: DeepSpeed's ZeRO optimizer skips such
+    an update itself (its overflow check covers fp32, fp16 and bf16); without DeepSpeed the
+    gradients are dropped before ``optimizer.step()``. So a NaN micro-batch costs its whole
+    optimizer step (all micro-batches of it) under ``nonfinite_policy: skip``.
+
     Everything else (loss, DeepSpeed, resume of model/optimizer/scheduler/RNG state and the
     skip-based data resume) is the stock Trainer's.
     """
@@ -296,11 +307,11 @@ class LlmTrainer(Trainer):
         if micro_batch == 0 and self.args.process_index == 0 and self.faults.armed("nan_loss", step):
             loss = loss * float("nan")
         if not bool(torch.isfinite(loss).all()):
+            # Back-propagated as it is, so every rank runs the same collectives; the NaN/inf gradients
+            # it produces make the step's gradient norm non-finite, and that update is skipped.
             self.step_guard.report_nonfinite(
                 step, f"loss {loss.item()} on micro-batch {micro_batch} (hash {self.ledger.pending[-1]})"
             )
-            # Back-propagating exact zeros keeps DeepSpeed's micro-step accounting and adds nothing.
-            loss = sum((param.sum() for param in model.parameters() if param.requires_grad), torch.zeros(())) * 0.0
         return loss
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
@@ -308,7 +319,9 @@ class LlmTrainer(Trainer):
         if norm is not None and not math.isfinite(float(norm)):
             if not self.is_deepspeed_enabled:
                 model.zero_grad(set_to_none=True)  # optimizer.step() leaves parameters without gradients alone
-            self.step_guard.report_nonfinite(self.state.global_step + 1, f"gradient norm {float(norm)}; update skipped")
+            self.step_guard.report_nonfinite(
+                self.state.global_step + 1, f"gradient norm {float(norm)}; this optimizer update is skipped"
+            )
         return norm
 
 
@@ -374,12 +387,41 @@ def build_trainer(
     )
 
 
+def _adapt_to_world_size(trainer: LlmTrainer, checkpoint: Path) -> None:
+    """Resume a ZeRO checkpoint written by a different number of ranks through a universal checkpoint.
+
+    ZeRO-2 partitions the optimizer state by rank, so DeepSpeed refuses such a checkpoint as it
+    is. The main process converts it once (``deepspeed.checkpoint.ds_to_universal``) and every
+    rank loads the universal form. The data order cannot continue exactly: the global batch
+    changes with the world size unless the per-device batch or accumulation is changed to match.
+    """
+    args = trainer.args
+    saved = saved_world_size(checkpoint)
+    if saved is None or saved == args.world_size or not trainer.is_deepspeed_enabled:
+        return
+    logger.warning(
+        "%s was written by %d rank(s), this run has %d: converting it to a universal checkpoint. The global batch "
+        "and the data order differ from the original run's from here on (per_device_train_batch_size x "
+        "gradient_accumulation_steps x world size sets the global batch)",
+        checkpoint,
+        saved,
+        args.world_size,
+    )
+    with args.main_process_first(local=False, desc="universal checkpoint"):
+        if args.should_save:
+            convert_to_universal(checkpoint)
+    plugin: Any = trainer.accelerator.state.deepspeed_plugin
+    plugin.hf_ds_config.config.setdefault("checkpoint", {})["load_universal"] = True
+
+
 def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming if ``start`` says so), save the final model, summary and loss curve.
 
     Returns the summary written to ``train_summary.json``.
     """
     args = trainer.args
+    if start.resume_from is not None:
+        _adapt_to_world_size(trainer, start.resume_from)
     result = trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
     output_dir = Path(str(args.output_dir))
     guard = trainer.step_guard

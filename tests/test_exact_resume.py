@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtrain.checkpoints import checkpoint_problem
 from llmtrain.faults import FIRED_FILE
 from llmtrain.ledger import read_ledger
 from llmtrain.preemption import PREEMPTED_EXIT_CODE
@@ -48,7 +49,8 @@ def command(output_dir: Path) -> list[str]:
 
 
 def run(output_dir: Path, log_name: str, **env: str) -> str:
-    process = launch(command(output_dir), output_dir.parent, log_name, NPROC="2", MASTER_PORT=str(free_port()), **env)
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port()), **env}
+    process = launch(command(output_dir), output_dir.parent, log_name, **env)
     return wait(process, output_dir.parent, log_name, timeout=600)
 
 
@@ -120,3 +122,22 @@ def test_verify_resume_on_a_lora_sft_config(tmp_path: Path) -> None:
     assert "restart 1/1 resumes from step 2" in resumed_log
     summary = json.loads((tmp_path / "verify" / "resumed" / "train_summary.json").read_text())
     assert summary["global_step"] == 5 and summary["resumed_from"] is not None
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_through_a_universal_checkpoint(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    first = launch(command(output_dir), tmp_path, "two-ranks.log", NPROC="2", MASTER_PORT=str(free_port()),
+                   LLMTRAIN_FAULT="kill_after_step=4", MAX_RESTARTS="0")  # fmt: skip
+    assert first.wait(timeout=300) != 0
+    checkpoint = output_dir / "checkpoint-3"
+    assert checkpoint_problem(checkpoint) is None
+    # A higher save_total_limit keeps checkpoint-3 around to inspect after the run.
+    one_rank = launch([*command(output_dir), "--save_total_limit", "10"], tmp_path, "one-rank.log", NPROC="1",
+                      MASTER_PORT=str(free_port()))  # fmt: skip
+    output = wait(one_rank, tmp_path, "one-rank.log")
+    assert "written by 2 rank(s), this run has 1: converting it to a universal checkpoint" in output
+    assert (checkpoint / "latest_universal").read_text() == "global_step3_universal"
+    assert checkpoint_problem(checkpoint, verify_checksums=True) is None, "the original shards must stay intact"
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == STEPS and summary["world_size"] == 1
+    assert summary["resumed_from"] == str(checkpoint)
