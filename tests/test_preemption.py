@@ -86,3 +86,22 @@ def test_a_crash_without_progress_is_not_retried(tmp_path: Path) -> None:
     assert run.wait(timeout=300) != 0
     assert "no new complete checkpoint since this attempt began" in log.read_text()
     assert "restart 1/" not in log.read_text()
+
+
+def test_two_nodes_under_torchrun_report_the_preemption_exit_code(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    port = str(free_port())
+    nodes = [
+        launch(command(output_dir), tmp_path, f"node{rank}.log", NNODES="2", NODE_RANK=str(rank), NPROC="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for rank in range(2)
+    ]  # fmt: skip
+    wait_for_checkpoint(nodes[0], output_dir / "checkpoint-10", tmp_path / "node0.log")
+    for node in nodes:
+        for pid in worker_pids(node.pid):
+            os.kill(pid, signal.SIGTERM)
+    # torchrun itself exits 1 on any worker failure; the launcher reads its workers' codes.
+    for rank, node in enumerate(nodes):
+        log = tmp_path / f"node{rank}.log"
+        assert node.wait(timeout=180) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
+        assert "exitcode  : 75" in log.read_text()
