@@ -411,7 +411,7 @@ def parse_args(
     if unknown:
         raise ConfigError(f"unknown argument(s): {' '.join(unknown)}")
     if config_path is not None:
-        logger.info("run config: %s (CLI overrides: %s)", config_path, " ".join(overrides) or "none")
+        logger.info("run config: %s (CLI overrides: %s)", config_path, " ".join(redact_secrets(overrides)) or "none")
     return tuple(instances)
 
 
@@ -424,6 +424,27 @@ def is_secret_key(key: str) -> bool:
     """True for keys such as ``hub_token`` whose values are credentials."""
     lowered = key.lower()
     return key not in TOKENIZER_KEYS and any(marker in lowered for marker in SECRET_KEY_MARKERS)
+
+
+def redact_secrets(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of every secret flag replaced, for logging.
+
+    >>> redact_secrets(["--hub_token", "hf_x", "--seed", "1", "--hub_token=hf_y"])
+    ['--hub_token', '***', '--seed', '1', '--hub_token=***']
+    """
+    redacted: list[str] = []
+    hide_next = False
+    for item in argv:
+        flag, has_value, _ = item.partition("=")
+        if hide_next:
+            redacted.append("***")
+            hide_next = False
+        elif flag.startswith("--") and is_secret_key(flag[2:]):
+            redacted.append(f"{flag}=***" if has_value else item)
+            hide_next = not has_value
+        else:
+            redacted.append(item)
+    return redacted
 
 
 def resolved_config(*instances: Any) -> dict[str, Any]:
