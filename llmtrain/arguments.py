@@ -37,6 +37,7 @@ SWANLAB_MODE_CHOICES = ("cloud", "local", "offline", "disabled")
 TRUNCATION_STRATEGIES = ("drop_oldest_turns", "drop", "error")
 FINETUNING_TYPES = ("full", "lora", "partial")
 NONFINITE_POLICIES = ("stop", "skip")
+LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "standard")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -269,6 +270,13 @@ class TrainArguments(TrainingArguments):
             "skipped). stop: then end the run with an error naming the step (exit 3); skip: log it and go on."
         },
     )
+    loss_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Training loss without full-vocabulary fp32 logits. auto: Liger-Kernel's fused linear "
+            "cross-entropy on GPU when installed, else our chunked one; chunked; liger; standard: the model's own."
+        },
+    )
     # Set from report_to: transformers' own SwanLab hook crashes with swanlab >= 0.8, so we route it.
     use_swanlab: bool = field(default=False, init=False)
 
@@ -281,6 +289,8 @@ class TrainArguments(TrainingArguments):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.swanlab_mode is not None and self.swanlab_mode not in SWANLAB_MODE_CHOICES:
             raise ConfigError(f"swanlab_mode must be one of {', '.join(SWANLAB_MODE_CHOICES)}")
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ConfigError(f"loss_implementation must be one of {', '.join(LOSS_IMPLEMENTATIONS)}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             raise ConfigError(f"nonfinite_policy must be one of {', '.join(NONFINITE_POLICIES)}")
         try:

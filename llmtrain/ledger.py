@@ -38,20 +38,27 @@ def batch_digest(batch: dict[str, Any]) -> str:
 
 
 class DataLedger:
-    """Collects the micro-batch hashes of the current step and appends them at the step's end."""
+    """Collects the micro-batches of the current step and appends their hashes at the step's end.
+
+    Hashing waits for the step's end so that a GPU run pays one device-to-host copy per step,
+    not one sync per micro-batch.
+    """
 
     def __init__(self, output_dir: Path, rank: int) -> None:
         self.path = output_dir / LEDGER_DIR / f"rank-{rank}.jsonl"
-        self.pending: list[str] = []
+        self.pending: list[dict[str, torch.Tensor]] = []
 
     def record(self, batch: dict[str, Any]) -> None:
-        self.pending.append(batch_digest(batch))
+        self.pending.append(
+            {k: batch[k].detach() for k in ("input_ids", "labels") if isinstance(batch.get(k), torch.Tensor)}
+        )
 
     def end_step(self, step: int) -> None:
+        digests = [batch_digest(batch) for batch in self.pending]
+        self.pending = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as ledger:
-            ledger.write(json.dumps({"step": step, "batches": self.pending}) + "\n")
-        self.pending = []
+            ledger.write(json.dumps({"step": step, "batches": digests}) + "\n")
 
 
 def read_ledger(output_dir: Path) -> dict[int, dict[int, list[str]]]:

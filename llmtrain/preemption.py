@@ -18,6 +18,7 @@ was signalled" and "a rank saw a non-finite loss or gradient norm during this st
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from types import FrameType
 from typing import Any
@@ -49,6 +50,7 @@ class StepGuardCallback(TrainerCallback):
         self.signal_name: str | None = None
         self.preempted_at_step: int | None = None
         self.nonfinite_in_step: list[str] = []
+        self.step_losses: list[torch.Tensor] = []
         self.skipped_nonfinite: list[dict[str, Any]] = []
         self._previous: dict[int, Any] = {}
 
@@ -57,6 +59,10 @@ class StepGuardCallback(TrainerCallback):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signal_name = signal.Signals(signum).name
         logger.warning("%s received: finishing this step, then saving a checkpoint and stopping", self.signal_name)
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Keep a micro-batch's loss to check at the step's end (one sync per step, not per micro-batch)."""
+        self.step_losses.append(loss.detach().reshape(-1)[:1].float())
 
     def report_nonfinite(self, step: int, what: str) -> None:
         """Called by the trainer for a NaN/inf loss or gradient norm it has already kept from the optimizer."""
@@ -70,6 +76,12 @@ class StepGuardCallback(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.step_losses:
+            losses = torch.cat(self.step_losses).tolist()
+            self.step_losses = []
+            for index, loss in enumerate(losses):
+                if not math.isfinite(loss):
+                    self.report_nonfinite(state.global_step, f"loss {loss} on micro-batch {index}")
         flags = torch.tensor([1 if self.signal_name else 0, len(self.nonfinite_in_step)], device=args.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)

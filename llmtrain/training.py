@@ -50,6 +50,7 @@ from llmtrain.errors import USER_ERROR_EXIT_CODE, ConfigError, UserInputError
 from llmtrain.faults import FaultInjector
 from llmtrain.ledger import DataLedger
 from llmtrain.manifest import MANIFEST_FILE, write_manifest
+from llmtrain.perf import ThroughputCallback, TokenCounter, enable_memory_efficient_loss
 from llmtrain.preemption import (
     DIVERGED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
@@ -124,7 +125,6 @@ def disable_unused_cpu_ops() -> None:
     It serves inference all-reduce only (training goes through gloo) but costs a ~50 s
     C++ build on a cold cache; measured to leave training identical.
     """
-    import torch
 
     if not torch.cuda.is_available():
         import deepspeed.ops
@@ -283,8 +283,9 @@ class LlmTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, step_guard: StepGuardCallback, ledger: DataLedger, faults: FaultInjector,
-                 **kwargs: Any) -> None:  # fmt: skip
+                 token_counter: TokenCounter, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.token_counter = token_counter
         self.step_guard = step_guard
         self.ledger = ledger
         self.faults = faults
@@ -303,15 +304,13 @@ class LlmTrainer(Trainer):
             self.faults.maybe_kill("kill_in_accumulation", step)
         micro_batch = len(self.ledger.pending)
         self.ledger.record(inputs)
+        self.token_counter.observe(inputs)
         loss: Any = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if micro_batch == 0 and self.args.process_index == 0 and self.faults.armed("nan_loss", step):
             loss = loss * float("nan")
-        if not bool(torch.isfinite(loss).all()):
-            # Back-propagated as it is, so every rank runs the same collectives; the NaN/inf gradients
-            # it produces make the step's gradient norm non-finite, and that update is skipped.
-            self.step_guard.report_nonfinite(
-                step, f"loss {loss.item()} on micro-batch {micro_batch} (hash {self.ledger.pending[-1]})"
-            )
+        # Checked at the step's end. A NaN/inf loss is back-propagated as it is, so every rank runs the
+        # same collectives; its gradients make the step's gradient norm non-finite, and that update is skipped.
+        self.step_guard.watch_loss(loss)
         return loss
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
@@ -367,6 +366,10 @@ def build_trainer(
     faults = FaultInjector(Path(str(args.output_dir)))
     ledger = DataLedger(Path(str(args.output_dir)), args.process_index)
     step_guard = StepGuardCallback(args.nonfinite_policy)
+    token_counter = TokenCounter()
+    if args.loss_implementation != "standard":
+        enable_memory_efficient_loss(model, backend=args.loss_implementation)
+    seq_len = manifest["config"].get("block_size") or manifest["config"].get("max_seq_length")
     return LlmTrainer(
         model=model,
         args=args,
@@ -376,11 +379,13 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[
             PerplexityCallback(),
+            ThroughputCallback(token_counter, model.config, seq_len),  # before SwanLab, which logs its keys
+            RunRecordCallback(ledger, faults),  # the step's ledger line is written before a guard can stop
             step_guard,
             CompleteCheckpointCallback(keep=keep_checkpoints, manifest=manifest, faults=faults),
-            RunRecordCallback(ledger, faults),
             *swanlab_callbacks(args, manifest["config"], manifest["run_id"]),
         ],
+        token_counter=token_counter,
         step_guard=step_guard,
         ledger=ledger,
         faults=faults,

@@ -1,0 +1,52 @@
+"""Run every CPU benchmark and print each ratio beside its target.
+
+    python -m bench [--out bench-results.json] [--only sft,trainer,preprocessing,memory]
+
+A few minutes on a 2-core CPU. The GPU benchmark is separate: ``python -m bench.gpu_bench --out FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import memory, preprocessing, sft_throughput, trainer_overhead
+from bench.common import Result, machine, set_threads, table, write_json
+
+BENCHMARKS: dict[str, Callable[[], Result]] = {
+    "sft": sft_throughput.run,
+    "trainer": trainer_overhead.run,
+    "preprocessing": preprocessing.run,
+    "memory": memory.run,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of the default")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    set_threads()
+    about = machine()
+    print(f"machine: {about['cpu']}, {about['torch_threads']} torch threads, torch {about['torch']}, {about['date']}")
+    results, durations = [], {}
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        result = BENCHMARKS[name]()
+        durations[name] = round(time.perf_counter() - start, 1)
+        results.append(result)
+        print(f"\n{result.name}: {result.ratio:.2f}x (target {result.target_text}) [{durations[name]} s]")
+        for key, value in result.detail.items():
+            print(f"  {key}: {value}")
+    print("\n" + table(results))
+    if args.out:
+        write_json(args.out, results, {"machine": about, "seconds": durations})
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""GPU benchmark for one device: Qwen2.5-0.5B/1.5B from scratch and LoRA on a 7B shape.
+
+    python -m bench.gpu_bench --out results/gpu.json          # one H100: ~8 minutes (--budget-s 480)
+    python -m bench.gpu_bench --smoke --out /tmp/smoke.json   # tiny config, 2 steps, CPU is fine
+
+Imports only torch, transformers, peft and the standard library (plus ``llmtrain.perf``, which
+imports nothing else), so it runs on a bare GPU box without datasets, DeepSpeed or SwanLab.
+
+Every run is a bare training step shaped like the Trainer's: forward with ``labels``, backward,
+``clip_grad_norm_(1.0)``, fused AdamW, ``zero_grad``. Batches are full blocks of random token ids
+(pretraining packing: no padding, plain causal mask, so sdpa takes its flash kernel). Reported per
+run: tokens/s on this device, MFU (``llmtrain.perf.flops_per_token`` and the device's dense bf16
+peak), peak allocated memory. Precision ``amp`` is what the Trainer's bf16 path does (fp32 master
+weights, bf16 autocast); ``bf16`` is pure bf16 weights and optimizer state.
+
+Per model: a micro-batch sweep (doubling until out of memory) with the chunked loss, the same with
+the standard loss, activation checkpointing at the largest micro-batches, the decoder under
+``torch.compile`` (both losses; ``--no-compile`` skips it), and pure bf16 at the best micro-batch.
+Then a "micro-batch that fits" table for sequence lengths 512-4096 (1.5B, amp, chunked loss, no
+checkpointing) and LoRA SFT on the Qwen2.5-7B shape (bf16 base weights, LoRA r=16 on all linear
+layers, activation checkpointing). A time budget skips what is left once spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from llmtrain.perf import count_flop_params, device_peak_flops, enable_memory_efficient_loss, flops_per_token, mfu
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIGS = {
+    "qwen2.5-0.5b": REPO_ROOT / "configs/model/qwen2.5-0.5b.json",
+    "qwen2.5-1.5b": REPO_ROOT / "configs/model/qwen2.5-1.5b.json",
+}
+TINY_CONFIG = REPO_ROOT / "llmtrain/assets/tiny/config.json"
+# Qwen2.5-7B's shape (its config.json on the hub), written out so nothing is downloaded.
+QWEN2_5_7B_SHAPE = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_GRAD_NORM = 1.0  # the shipped configs' max_grad_norm
+
+
+@dataclasses.dataclass
+class Run:
+    """One measured configuration; ``error`` set when it did not run (out of memory, budget)."""
+
+    model: str
+    seq_len: int
+    micro_batch: int
+    precision: str
+    loss: str
+    checkpointing: bool
+    lora: bool = False
+    compiled: bool = False
+    tokens_per_second: float | None = None
+    mfu: float | None = None
+    peak_memory_gib: float | None = None
+    step_seconds: float | None = None
+    error: str | None = None
+
+
+class BudgetSpent(Exception):
+    """The time budget ran out; later runs are reported as skipped."""
+
+
+@dataclasses.dataclass
+class Bench:
+    device: torch.device
+    warmup: int
+    steps: int
+    deadline: float
+    peak_flops: float | None
+
+    def check_budget(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise BudgetSpent("time budget spent")
+
+
+def load_config(path: Path, **overrides: Any) -> Qwen2Config:
+    """A Qwen2 config from a JSON file, set up for training (no KV cache, sdpa)."""
+    config = Qwen2Config(**{**json.loads(path.read_text()), **overrides})
+    config.use_cache = False
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(config: Qwen2Config, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    """Fresh weights created directly on ``device``."""
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model.train()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure(bench: Bench, model: torch.nn.Module, run: Run, vocab_size: int, fpt: float, quiet: bool = False) -> Run:
+    """Time ``bench.steps`` training steps after ``bench.warmup``; fill tokens/s, MFU and peak memory."""
+    bench.check_budget()
+    free_memory()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bench.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+    amp = run.precision == "amp"
+    generator = torch.Generator(device=bench.device).manual_seed(0)
+    ids = torch.randint(0, vocab_size, (run.micro_batch, run.seq_len), device=bench.device, generator=generator)
+    times: list[float] = []
+    try:
+        for step in range(bench.warmup + bench.steps):
+            start = time.perf_counter()
+            autocast = torch.autocast(bench.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if bench.device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= bench.warmup:
+                times.append(time.perf_counter() - start)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"non-finite loss {loss.item()}")
+    except Exception as error:  # out of memory is a result here, not a failure
+        if not is_oom(error):
+            raise
+        run.error = "OOM"
+    finally:
+        model.zero_grad(set_to_none=True)
+        del optimizer
+    if run.error is None:
+        step_seconds = statistics.median(times)
+        run.step_seconds = step_seconds
+        run.tokens_per_second = run.micro_batch * run.seq_len / step_seconds
+        run.mfu = mfu(run.tokens_per_second, fpt, bench.peak_flops) if bench.peak_flops else None
+        if bench.device.type == "cuda":
+            run.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+    if not quiet:
+        log_run(run)
+    return run
+
+
+def log_run(run: Run) -> None:
+    detail = run.error or f"{run.tokens_per_second:,.0f} tok/s" + (
+        f", MFU {100 * run.mfu:.1f}%" if run.mfu is not None else ""
+    ) + (f", peak {run.peak_memory_gib:.1f} GiB" if run.peak_memory_gib is not None else "")
+    print(
+        f"  {run.model} seq {run.seq_len} mb {run.micro_batch} {run.precision} loss={run.loss} "
+        f"ckpt={'on' if run.checkpointing else 'off'}{' lora' if run.lora else ''}"
+        f"{' compiled' if run.compiled else ''}: {detail}",
+        flush=True,
+    )
+
+
+@contextlib.contextmanager
+def loss_mode(model: Qwen2ForCausalLM, mode: str) -> Iterator[None]:
+    """Run the block with the chunked loss installed (``chunked``) or the model's own (``standard``)."""
+    original = model.__dict__.get("forward")
+    marker = model.__dict__.get("_llmtrain_loss_backend")
+    if mode == "chunked":
+        enable_memory_efficient_loss(model)
+    try:
+        yield
+    finally:
+        for key, value in (("forward", original), ("_llmtrain_loss_backend", marker)):
+            if value is None:
+                model.__dict__.pop(key, None)
+            else:
+                model.__dict__[key] = value
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Activation checkpointing on or off (transformers 5 renamed the methods; older names still work)."""
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
+def sweep(
+    bench: Bench,
+    model: Qwen2ForCausalLM,
+    name: str,
+    seq_len: int,
+    micro_batches: list[int],
+    precision: str,
+    loss: str,
+    checkpointing: bool,
+    fpt: float,
+    compiled: bool = False,
+) -> list[Run]:
+    """Measure each micro-batch in order; stop after the first that does not fit."""
+    runs = []
+    set_checkpointing(model, checkpointing)
+    with loss_mode(model, loss):
+        for micro_batch in micro_batches:
+            run = Run(name, seq_len, micro_batch, precision, loss, checkpointing, compiled=compiled)
+            runs.append(measure(bench, model, run, model.config.vocab_size, fpt))
+            if run.error:
+                break
+    set_checkpointing(model, False)
+    return runs
+
+
+def best(runs: list[Run]) -> Run | None:
+    fitted = [r for r in runs if r.tokens_per_second]
+    return max(fitted, key=lambda r: r.tokens_per_second or 0.0) if fitted else None
+
+
+def bench_model(
+    bench: Bench, name: str, config: Qwen2Config, seq_len: int, micro_batches: list[int], compile_decoder: bool
+) -> list[Run]:
+    """The sweeps of one from-scratch model (module docstring)."""
+    print(f"{name}: {count_flop_params(config) / 1e9:.3f}B FLOP-counted params, seq {seq_len}", flush=True)
+    fpt = flops_per_token(config, seq_len)
+    model = build_model(config, bench.device, torch.float32)
+    runs = sweep(bench, model, name, seq_len, micro_batches, "amp", "chunked", False, fpt)
+    fitted = [r.micro_batch for r in runs if not r.error]
+    runs += sweep(bench, model, name, seq_len, micro_batches, "amp", "standard", False, fpt)
+    # Checkpointing trades ~1/3 more compute for memory: try it where the plain run stopped fitting.
+    largest = fitted[-1] if fitted else 1
+    ckpt_batches = sorted({largest, *(mb for mb in micro_batches if mb > largest)})[:2]
+    runs += sweep(bench, model, name, seq_len, ckpt_batches, "amp", "chunked", True, fpt)
+    top = best([r for r in runs if r.loss == "chunked" and not r.checkpointing])
+    top_standard = best([r for r in runs if r.loss == "standard"])
+    if compile_decoder and top_standard is not None:
+        # The decoder compiled, the loss eager: both losses at the standard loss's best micro-batch, then
+        # the chunked loss at the larger micro-batch it fits (one compilation per shape).
+        compiled_runs = [("standard", top_standard.micro_batch), ("chunked", top_standard.micro_batch)]
+        if top is not None and top.micro_batch != top_standard.micro_batch:
+            compiled_runs.append(("chunked", top.micro_batch))
+        decoder = model.model
+        model.model = torch.compile(decoder)
+        try:
+            for loss, micro_batch in compiled_runs:
+                runs += sweep(bench, model, name, seq_len, [micro_batch], "amp", loss, False, fpt, compiled=True)
+        finally:
+            model.model = decoder
+    if top is not None:
+        model.to(torch.bfloat16)
+        free_memory()
+        runs += sweep(bench, model, name, seq_len, [top.micro_batch], "bf16", "chunked", top.checkpointing, fpt)
+    del model
+    free_memory()
+    return runs
+
+
+def fit_table(bench: Bench, name: str, config: Qwen2Config, seq_lens: list[int], max_tokens: int) -> dict[int, int]:
+    """Largest power-of-two micro-batch that trains (one step) at each sequence length."""
+    model = build_model(config, bench.device, torch.float32)
+    enable_memory_efficient_loss(model)
+    fits: dict[int, int] = {}
+    saved = bench.warmup, bench.steps
+    bench.warmup, bench.steps = 0, 1
+    try:
+        for seq_len in seq_lens:
+            micro_batch, largest = 1, 0
+            while micro_batch * seq_len <= max_tokens:
+                run = Run(name, seq_len, micro_batch, "amp", "chunked", False)
+                measure(bench, model, run, 1000, 1.0, quiet=True)
+                if run.error:
+                    break
+                largest, micro_batch = micro_batch, micro_batch * 2
+            fits[seq_len] = largest
+            print(f"  {name} seq {seq_len}: micro-batch {largest} fits", flush=True)
+    finally:
+        bench.warmup, bench.steps = saved
+        del model
+        free_memory()
+    return fits
+
+
+def bench_lora(bench: Bench, config: Qwen2Config, seq_len: int, micro_batches: list[int]) -> list[Run]:
+    """LoRA SFT on a big frozen bf16 base: activation checkpointing, chunked loss, micro-batch sweep."""
+    from peft import LoraConfig, get_peft_model
+
+    name = "qwen2.5-7b-shape-lora"
+    print(f"{name}: {count_flop_params(config) / 1e9:.2f}B params, bf16 base", flush=True)
+    try:
+        base = build_model(config, bench.device, torch.bfloat16)
+    except Exception as error:
+        if not is_oom(error):
+            raise
+        free_memory()
+        return [Run(name, seq_len, 0, "bf16", "chunked", True, lora=True, error="OOM building the base")]
+    set_checkpointing(base, True)
+    base.enable_input_require_grads()
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    enable_memory_efficient_loss(model)
+    # Frozen base: forward 2N + activation gradients 2N, no weight gradients; attention as in training.
+    fpt = flops_per_token(config, seq_len) - 2 * count_flop_params(config)
+    runs = []
+    for micro_batch in micro_batches:
+        run = Run(name, seq_len, micro_batch, "bf16", "chunked", True, lora=True)
+        runs.append(measure(bench, model, run, config.vocab_size, fpt))
+        if run.error:
+            break
+    del model, base
+    free_memory()
+    return runs
+
+
+def markdown(runs: list[Run]) -> str:
+    lines = [
+        "| model | seq | micro-batch | precision | loss | act. ckpt | compiled | tokens/s | MFU | peak mem (GiB) |",
+        "|---|---:|---:|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r.model} | {r.seq_len} | {r.micro_batch} | {r.precision} | {r.loss} | "
+            f"{'on' if r.checkpointing else 'off'} | {'yes' if r.compiled else 'no'} | "
+            + (
+                r.error
+                if r.error
+                else f"{r.tokens_per_second:,.0f}"
+                + f" | {'' if r.mfu is None else f'{100 * r.mfu:.1f}%'}"
+                + f" | {'' if r.peak_memory_gib is None else f'{r.peak_memory_gib:.1f}'}"
+            )
+            + (" | | |" if r.error else "")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--smoke", action="store_true", help="tiny config, short sequences, 2 steps (CPU is fine)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip what is left after this many seconds")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run (compilation included)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run (median step time)")
+    parser.add_argument(
+        "--models", default="qwen2.5-0.5b,qwen2.5-1.5b", help="comma-separated: " + ",".join(MODEL_CONFIGS)
+    )
+    parser.add_argument("--micro-batches", default="1,2,4,8,16")
+    parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decoder runs")
+    parser.add_argument("--no-fit-table", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    micro_batches = [int(mb) for mb in args.micro_batches.split(",")]
+    seq_len, fit_seq_lens, max_fit_tokens = args.seq_len, [512, 1024, 2048, 4096], 2**17
+    if args.smoke:
+        args.warmup, args.steps, seq_len, micro_batches = 1, 2, 64, [1, 2]
+        fit_seq_lens, max_fit_tokens, args.no_compile = [32, 64], 128, True
+        models = {"tiny": load_config(TINY_CONFIG)}
+        lora_config = load_config(TINY_CONFIG, tie_word_embeddings=False)
+    else:
+        models = {name: load_config(MODEL_CONFIGS[name]) for name in args.models.split(",")}
+        lora_config = Qwen2Config(**QWEN2_5_7B_SHAPE, use_cache=False)
+    bench = Bench(
+        device=device,
+        warmup=args.warmup,
+        steps=args.steps,
+        deadline=time.monotonic() + args.budget_s,
+        peak_flops=device_peak_flops(device_name) if device.type == "cuda" else None,
+    )
+    print(f"device: {device_name}; dense bf16 peak: {bench.peak_flops}", flush=True)
+
+    runs: list[Run] = []
+    fits: dict[int, int] = {}
+    skipped: list[str] = []
+    for name, config in models.items():
+        try:
+            runs += bench_model(bench, name, config, seq_len, micro_batches, not args.no_compile)
+        except BudgetSpent:
+            skipped.append(name)
+    if not args.no_fit_table:
+        fit_name, fit_config = (
+            ("tiny", models["tiny"]) if args.smoke else ("qwen2.5-1.5b", load_config(MODEL_CONFIGS["qwen2.5-1.5b"]))
+        )
+        try:
+            fits = fit_table(bench, fit_name, fit_config, fit_seq_lens, max_fit_tokens)
+        except BudgetSpent:
+            skipped.append("fit table")
+    if not args.no_lora:
+        try:
+            runs += bench_lora(bench, lora_config, seq_len, micro_batches[:4])
+        except BudgetSpent:
+            skipped.append("lora")
+
+    table = markdown(runs)
+    print("\n" + table)
+    if fits:
+        print("\nlargest micro-batch that fits (amp, chunked loss, no activation checkpointing):")
+        print("| seq len | " + " | ".join(str(s) for s in fits) + " |")
+        print("|---|" + "---:|" * len(fits))
+        print("| micro-batch | " + " | ".join(str(mb) for mb in fits.values()) + " |")
+    if skipped:
+        print(f"\nskipped (time budget): {', '.join(skipped)}")
+    result = {
+        "device": device_name,
+        "peak_bf16_flops": bench.peak_flops,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.gpu_bench", *(argv or sys.argv[1:])]),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "runs": [dataclasses.asdict(r) for r in runs],
+        "fit_table": {str(k): v for k, v in fits.items()},
+        "skipped": skipped,
+        "markdown": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
