@@ -81,6 +81,9 @@ def test_resume_continues_the_swanlab_run_and_no_secret_is_ever_written(tmp_path
     swanlab_runs = sorted(p.name for p in (output_dir / "swanlog").glob("run-*"))
     assert len(swanlab_runs) == 2, swanlab_runs  # the first attempt and the resumed one
     assert all(name.endswith(f"-{run_id}") for name in swanlab_runs), (swanlab_runs, run_id)
+    # SwanLab receives the throughput keys the ThroughputCallback adds to every training log
+    run_files = list((output_dir / "swanlog").glob(f"run-*/run-{run_id}.swanlab"))
+    assert run_files and all(b"supervised_tokens_per_second" in f.read_bytes() for f in run_files)
 
     for path in [tmp_path / "run.log", *output_dir.rglob("*")]:
         if path.is_file() and path != config:
