@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file as safetensors_load
 
 from llmtrain.arguments import ModelArguments
 from llmtrain.errors import ConfigError
@@ -55,3 +56,22 @@ def test_auto_attention_is_sdpa_without_flash_attention_on_this_machine() -> Non
     assert resolve_attn_implementation("eager") == "eager"
     if not torch.cuda.is_available():
         assert resolve_attn_implementation("auto") == "sdpa"
+
+
+def test_pickle_weights_are_never_loaded(tmp_path: Path) -> None:
+    """A model dir with only a pickled ``pytorch_model.bin`` (which can run code on load) is refused."""
+    base = save_random_tiny_model(tmp_path / "base")
+    weights = {name: tensor.clone() for name, tensor in safetensors_load(base / "model.safetensors").items()}
+    torch.save(weights, base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    args = ModelArguments(model_name_or_path=str(base))
+    with pytest.raises((OSError, ConfigError), match=r"safetensors"):
+        build_model(args, load_model_config(args), load_tokenizer(args))
+
+
+def test_seed_decides_the_initial_weights() -> None:
+    args = ModelArguments()
+    tokenizer = load_tokenizer(args)
+    first, again, other = (build_model(args, load_model_config(args), tokenizer, seed) for seed in (1, 1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters(), strict=True))
