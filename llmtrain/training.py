@@ -125,7 +125,6 @@ def disable_unused_cpu_ops() -> None:
     It serves inference all-reduce only (training goes through gloo) but costs a ~50 s
     C++ build on a cold cache; measured to leave training identical.
     """
-
     if not torch.cuda.is_available():
         import deepspeed.ops
 
@@ -168,7 +167,8 @@ class RunStart:
 
     def __post_init__(self) -> None:
         if not self.run_id:
-            self.run_id = _saved_run_id(self.resume_from) or new_run_id()
+            saved = _checkpoint_manifest(self.resume_from).get("run_id") if self.resume_from else None
+            self.run_id = str(saved) if saved else new_run_id()
 
 
 def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunStart:
@@ -228,8 +228,7 @@ def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: Run
 
 def _check_structure_unchanged(checkpoint: Path, run_config: dict[str, Any]) -> None:
     """Refuse to resume ``checkpoint`` under settings that change the trained parameters (STRUCTURAL_KEYS)."""
-    manifest_path = checkpoint / MANIFEST_FILE
-    saved = json.loads(manifest_path.read_text()).get("config", {}) if manifest_path.is_file() else {}
+    saved = _checkpoint_manifest(checkpoint).get("config", {})
     changed = sorted(key for key in STRUCTURAL_KEYS if key in saved and saved[key] != run_config.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved[key]!r} -> {run_config.get(key)!r}" for key in changed)
@@ -246,11 +245,10 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(21))
 
 
-def _saved_run_id(checkpoint: Path | None) -> str | None:
-    if checkpoint is None or not (checkpoint / MANIFEST_FILE).is_file():
-        return None
-    run_id = json.loads((checkpoint / MANIFEST_FILE).read_text()).get("run_id")
-    return str(run_id) if run_id else None
+def _checkpoint_manifest(checkpoint: Path) -> dict[str, Any]:
+    """The ``run_manifest.json`` a checkpoint holds, or {} for one written before manifests existed."""
+    path = checkpoint / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _differing_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
