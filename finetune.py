@@ -10,44 +10,28 @@ With no config, configs/sft_tiny_lora.yaml is used: LoRA on the tiny model that
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from llmtrain.arguments import (
-    FinetuneArguments,
-    ModelArguments,
-    SFTDataArguments,
-    TrainArguments,
-    parse_args,
-    resolved_config,
-)
+from llmtrain.cli import run_cli
+from llmtrain.config.parser import parse_args, resolved_config
 from llmtrain.data.sft import PaddingCollator, check_collated_batch, collate_packed, prepare_sft_data
 from llmtrain.finetuning import apply_finetuning_method
-from llmtrain.manifest import run_manifest
-from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer
-from llmtrain.training import (
-    build_trainer,
-    disable_unused_cpu_ops,
-    inspect_output_dir,
-    open_output_dir,
-    run_cli,
-    set_rank_log_level,
-    train_and_save,
-)
+from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer_for
+from llmtrain.run.output_dir import inspect_output_dir
+from llmtrain.run.process import disable_unused_cpu_ops, set_rank_log_level
+from llmtrain.run.train import train_in_output_dir
+from llmtrain.stages import SFT
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft_tiny_lora.yaml"
 MASK_CHECK_ROWS = 8  # rows collated and checked for labelled padding before training starts
 
 
 def main(argv: list[str]) -> None:
     """Parse -> tokenizer and model config -> encoded conversations -> model (+LoRA) -> Trainer -> save."""
     disable_unused_cpu_ops()
-    model_args, data_args, method_args, training_args = parse_args(
-        (ModelArguments, SFTDataArguments, FinetuneArguments, TrainArguments), argv, DEFAULT_CONFIG
-    )
+    model_args, data_args, method_args, training_args = parse_args(SFT.dataclass_types(), argv, SFT.default_config)
     set_rank_log_level(training_args)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer_for(model_args)
     model_config = load_model_config(model_args)
-    check_sequence_length(data_args.max_seq_length, model_config, "max_seq_length")
+    check_sequence_length(SFT.sequence_length(data_args), model_config, SFT.length_field)
     run_config = resolved_config(model_args, data_args, method_args, training_args)
     start = None if data_args.prepare_only else inspect_output_dir(training_args, run_config)
     if start is not None and start.already_finished:
@@ -60,10 +44,9 @@ def main(argv: list[str]) -> None:
         return
     model = build_model(model_args, model_config, tokenizer, training_args.seed)
     model = apply_finetuning_method(model, method_args, training_args.activation_checkpointing)
-    open_output_dir(training_args, run_config, start)
-    manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
-    trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collator, manifest)
-    train_and_save(trainer, start, manifest)
+    train_in_output_dir(
+        model, tokenizer, training_args, run_config, start, data, collator, SFT.sequence_length(data_args)
+    )
 
 
 if __name__ == "__main__":

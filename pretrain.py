@@ -9,35 +9,25 @@ With no config, configs/pretrain_tiny.yaml is used: the embedded tiny model and 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from llmtrain.arguments import DataArguments, ModelArguments, TrainArguments, parse_args, resolved_config
+from llmtrain.cli import run_cli
+from llmtrain.config.parser import parse_args, resolved_config
 from llmtrain.data.pretrain import collate_blocks, prepare_pretrain_data
-from llmtrain.manifest import run_manifest
-from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer
-from llmtrain.training import (
-    build_trainer,
-    disable_unused_cpu_ops,
-    inspect_output_dir,
-    open_output_dir,
-    run_cli,
-    set_rank_log_level,
-    train_and_save,
-)
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "pretrain_tiny.yaml"
+from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer_for
+from llmtrain.run.output_dir import inspect_output_dir
+from llmtrain.run.process import disable_unused_cpu_ops, set_rank_log_level
+from llmtrain.run.train import train_in_output_dir
+from llmtrain.stages import PRETRAIN
 
 
 def main(argv: list[str]) -> None:
     """Parse -> tokenizer and model config -> tokenized blocks -> model -> Trainer -> save."""
     disable_unused_cpu_ops()
-    model_args, data_args, training_args = parse_args(
-        (ModelArguments, DataArguments, TrainArguments), argv, DEFAULT_CONFIG
-    )
+    model_args, data_args, training_args = parse_args(PRETRAIN.dataclass_types(), argv, PRETRAIN.default_config)
     set_rank_log_level(training_args)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer_for(model_args)
     model_config = load_model_config(model_args)
-    check_sequence_length(data_args.block_size, model_config, "block_size")
+    check_sequence_length(PRETRAIN.sequence_length(data_args), model_config, PRETRAIN.length_field)
     run_config = resolved_config(model_args, data_args, training_args)
     start = None if data_args.prepare_only else inspect_output_dir(training_args, run_config)
     if start is not None and start.already_finished:
@@ -47,10 +37,9 @@ def main(argv: list[str]) -> None:
     if start is None:
         return
     model = build_model(model_args, model_config, tokenizer, training_args.seed)
-    open_output_dir(training_args, run_config, start)
-    manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
-    trainer = build_trainer(model, tokenizer, training_args, data.train, data.eval, collate_blocks, manifest)
-    train_and_save(trainer, start, manifest)
+    train_in_output_dir(
+        model, tokenizer, training_args, run_config, start, data, collate_blocks, PRETRAIN.sequence_length(data_args)
+    )
 
 
 if __name__ == "__main__":

@@ -7,4 +7,4 @@
 # Topology variables (NUM_GPUS, NPROC, HOSTFILE, NNODES, ...) are described in scripts/launch.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-exec "$ROOT/scripts/launch.sh" pretrain.py "$ROOT/configs/pretrain_tiny.yaml" "$@"
+exec "$ROOT/scripts/launch.sh" pretrain.py "$@"

@@ -3,13 +3,14 @@
     python -m bench.gpu_bench --out results/gpu.json          # one H100: ~8 minutes (--budget-s 480)
     python -m bench.gpu_bench --smoke --out /tmp/smoke.json   # tiny config, 2 steps, CPU is fine
 
-Imports only torch, transformers, peft and the standard library (plus ``llmtrain.perf``, which
-imports nothing else), so it runs on a bare GPU box without datasets, DeepSpeed or SwanLab.
+Imports only torch, transformers, peft and the standard library (plus ``llmtrain.loss`` and
+``llmtrain.metrics``, which import nothing else), so it runs on a bare GPU box without datasets,
+DeepSpeed or SwanLab.
 
 Every run is a bare training step shaped like the Trainer's: forward with ``labels``, backward,
 ``clip_grad_norm_(1.0)``, fused AdamW, ``zero_grad``. Batches are full blocks of random token ids
 (pretraining packing: no padding, plain causal mask, so sdpa takes its flash kernel). Reported per
-run: tokens/s on this device, MFU (``llmtrain.perf.flops_per_token`` and the device's dense bf16
+run: tokens/s on this device, MFU (``llmtrain.metrics.flops_per_token`` and the device's dense bf16
 peak), peak allocated memory. Precision ``amp`` is what the Trainer's bf16 path does (fp32 master
 weights, bf16 autocast); ``bf16`` is pure bf16 weights and optimizer state.
 
@@ -41,7 +42,8 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from llmtrain.perf import count_flop_params, device_peak_flops, enable_memory_efficient_loss, flops_per_token, mfu
+from llmtrain.loss import enable_memory_efficient_loss
+from llmtrain.metrics import count_flop_params, device_peak_flops, flops_per_token, mfu
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = {

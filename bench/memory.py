@@ -7,7 +7,7 @@ output layer's is visible, as it is for a 0.5B model at micro-batch 8 on a GPU. 
 backward of a 2048-token SFT row (half the labels -100), fp32, in a fresh process per measurement:
 peak RSS (``ru_maxrss``) minus the RSS before the step, after the model and optimizer-free
 batch are built. Sides: the model's own loss (fp32 logits ``[2048, 151936]`` = 1.2 GB, plus
-their log-softmax and gradient), and ``llmtrain.perf``'s chunked loss (default chunk size, and
+their log-softmax and gradient), and ``llmtrain.loss``'s chunked loss (default chunk size, and
 256-token chunks). Headline: standard / chunked (default chunks) peak.
 """
 
@@ -32,7 +32,7 @@ MODES = ("standard", "chunked", "chunked-256")
 
 def worker(mode: str, seq_len: int) -> dict[str, float]:
     """Run one step in this process; return the step's peak memory above its starting RSS, in MiB."""
-    from llmtrain.perf import enable_memory_efficient_loss
+    from llmtrain.loss import enable_memory_efficient_loss
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

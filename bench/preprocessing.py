@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.common import Result, median, print_result, set_threads, timed
 from llmtrain.data.pretrain import tokenize_and_group
-from llmtrain.tiny_default import DEMO_CORPUS_PATH, TINY_MODEL_DIR
+from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
 
 BLOCK_SIZE = 1024
 BATCH_DOCUMENTS = 1000  # preprocessing_batch_size's default

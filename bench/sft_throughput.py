@@ -39,8 +39,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 
 from bench.common import Result, median, print_result, set_threads, timed
 from llmtrain.data.sft import IGNORE_INDEX, collate_packed, encode_conversation, pack_batch
-from llmtrain.perf import enable_memory_efficient_loss
-from llmtrain.tiny_default import DEMO_CORPUS_PATH, IM_END, TINY_MODEL_DIR
+from llmtrain.loss import enable_memory_efficient_loss
+from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
+from llmtrain.tiny_default import IM_END
 
 SEQ_LEN = 2048  # the recipe's fixed padding length, and our packed row length
 # BELLE facts (module docstring): lognormal through median 109 and p90 261.

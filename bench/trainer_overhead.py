@@ -6,9 +6,9 @@ Model: a Qwen2 (hidden 256, 4 layers, GQA 4:2, MLP 1024, the tiny tokenizer's 4,
 vocabulary), fp32, blocks of 256 tokens, micro-batch 8 -- a step is a few hundred milliseconds
 on a 2-core CPU, long enough that overhead is measurable and short enough to repeat.
 
-* **ours**: ``llmtrain.training.build_trainer`` (the Trainer subclass and callbacks every run
+* **ours**: ``llmtrain.run.trainer.build_trainer`` (the Trainer subclass and callbacks every run
   gets: step guard, data ledger, checkpoint marker, perplexity, the throughput accounting of
-  ``llmtrain.perf`` and its chunked loss), single process, ``use_cpu``,
+  ``llmtrain.loss`` and its chunked loss), single process, ``use_cpu``,
   no DeepSpeed, logging every 10 steps, gradient clipping at 1.0 and the LR schedule as shipped;
 * **bare**: ``for batch: loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()``
   with the same AdamW flavour the Trainer builds.
@@ -33,10 +33,10 @@ import torch
 from transformers import AutoTokenizer, PrinterCallback, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 from bench.common import Result, median, print_result, set_threads
-from llmtrain.arguments import TrainArguments
+from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.pretrain import collate_blocks
-from llmtrain.tiny_default import TINY_MODEL_DIR
-from llmtrain.training import build_trainer
+from llmtrain.paths import TINY_MODEL_DIR
+from llmtrain.run.trainer import build_trainer
 
 BLOCK_SIZE = 256
 MICRO_BATCH = 8
@@ -118,7 +118,7 @@ def run(steps: int = 16) -> Result:
         interleave = BareStepBetweenSteps(model, blocks, fused)
         dataset = datasets.Dataset.from_dict({"input_ids": blocks.tolist()})
         manifest = {"config": {"block_size": BLOCK_SIZE}, "run_id": "bench-trainer-overhead"}
-        trainer = build_trainer(model, tokenizer, args, dataset, None, collate_blocks, manifest)
+        trainer = build_trainer(model, tokenizer, args, dataset, None, collate_blocks, manifest, BLOCK_SIZE)
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(interleave)
         trainer.train()

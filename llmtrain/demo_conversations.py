@@ -2,7 +2,7 @@
 
 ``llmtrain/assets/demo/sft_conversations.jsonl`` is made by this module from the docstrings of
 the running Python's standard library (read with :mod:`ast` through
-:func:`~llmtrain.tiny_default.iter_stdlib_docstrings`; nothing is imported), in Belle/ShareGPT
+:func:`~llmtrain.stdlib_docs.iter_stdlib_docstrings`; nothing is imported), in Belle/ShareGPT
 format. Remake it with::
 
     python -m llmtrain.demo_conversations
@@ -29,7 +29,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtrain.tiny_default import DEMO_CONVERSATIONS_PATH, SKIPPED_STDLIB_DIRS, iter_stdlib_docstrings
+from llmtrain.paths import DEMO_CONVERSATIONS_PATH
+from llmtrain.stdlib_docs import SKIPPED_STDLIB_DIRS, iter_stdlib_docstrings
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import re
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from llmtrain.arguments import FinetuneArguments
+from llmtrain.config.arguments import FinetuneArguments
 from llmtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -21,26 +22,35 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llmtrain.arguments import ModelArguments
 from llmtrain.errors import ConfigError
+
+if TYPE_CHECKING:  # the tools load tokenizers and models without the training arguments' imports
+    from llmtrain.config.arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
-    """Load the tokenizer named by ``tokenizer_name_or_path`` (set by ModelArguments' rules)."""
-    assert model_args.tokenizer_name_or_path is not None
+def load_tokenizer(
+    source: str | Path, trust_remote_code: bool = False, field_name: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a directory or hub id; one that cannot be loaded is a :class:`ConfigError`.
+
+    ``field_name`` is the setting ``source`` came from, named in the error (tools give a plain path).
+    """
     try:
-        return AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name_or_path, trust_remote_code=model_args.trust_remote_code
-        )
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"tokenizer_name_or_path: cannot load {_describe_source(model_args.tokenizer_name_or_path)}: "
-            f"{_first_line(error)}"
-        ) from error
+        if field_name is None:
+            raise ConfigError(f"cannot load a tokenizer from {source}: {error}") from error
+        raise ConfigError(f"{field_name}: cannot load {_describe_source(str(source))}: {_first_line(error)}") from error
+
+
+def load_tokenizer_for(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    """The tokenizer named by ``tokenizer_name_or_path`` (set by ModelArguments' rules)."""
+    assert model_args.tokenizer_name_or_path is not None
+    return load_tokenizer(model_args.tokenizer_name_or_path, model_args.trust_remote_code, "tokenizer_name_or_path")
 
 
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:

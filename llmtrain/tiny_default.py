@@ -15,7 +15,6 @@ them::
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import sysconfig
@@ -26,12 +25,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast, Qwen2Config
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from llmtrain.demo_conversations import build_demo_conversations
+from llmtrain.paths import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR
+from llmtrain.stdlib_docs import iter_stdlib_docstrings
+
 logger = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-TINY_MODEL_DIR = ASSETS_DIR / "tiny"
-DEMO_CORPUS_PATH = ASSETS_DIR / "demo" / "pretrain_corpus.jsonl"
-DEMO_CONVERSATIONS_PATH = ASSETS_DIR / "demo" / "sft_conversations.jsonl"
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -48,39 +47,7 @@ CHATML_TEMPLATE = (
 )
 
 TINY_VOCAB_SIZE = 4096  # small enough that the embedding does not dominate a 4-layer model
-MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly signatures, not prose
 DEMO_CORPUS_MAX_CHARS = 2_500_000  # ~700k tokens: a few epochs' worth for a two-minute CPU run
-SKIPPED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
-
-
-def iter_stdlib_docstrings(stdlib_dir: Path, min_chars: int = MIN_DOCSTRING_CHARS) -> Iterator[dict[str, str]]:
-    """Yield ``{"text", "source"}`` for each long docstring under ``stdlib_dir``, in sorted order.
-
-    Files that do not parse are skipped; docstrings are de-duplicated by text.
-
-    >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp()); _ = (d / "m.py").write_text(repr("x" * 5))
-    >>> list(iter_stdlib_docstrings(d, min_chars=3))
-    [{'text': 'xxxxx', 'source': 'm.py'}]
-    """
-    seen: set[str] = set()
-    for path in sorted(stdlib_dir.rglob("*.py")):
-        relative = path.relative_to(stdlib_dir)
-        if SKIPPED_STDLIB_DIRS.intersection(relative.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        nodes: list[ast.AST] = [tree]
-        nodes += [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
-        for node in nodes:
-            text = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
-            if text is None or len(text) < min_chars or text in seen:
-                continue
-            seen.add(text)
-            name = getattr(node, "name", "")
-            yield {"text": text, "source": f"{relative.as_posix()}{':' + name if name else ''}"}
 
 
 def build_demo_corpus(path: Path, max_chars: int = DEMO_CORPUS_MAX_CHARS) -> int:
@@ -170,8 +137,6 @@ def main() -> None:
     tokenizer.save_pretrained(TINY_MODEL_DIR)
     tiny_model_config(tokenizer).save_pretrained(TINY_MODEL_DIR)
     logger.info("wrote tokenizer (%d tokens) and model config to %s", len(tokenizer), TINY_MODEL_DIR)
-    from llmtrain.demo_conversations import build_demo_conversations
-
     build_demo_conversations(DEMO_CONVERSATIONS_PATH)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shared launcher behind pretrain.sh and finetune.sh. Usage (from those scripts):
-#   scripts/launch.sh ENTRY.py DEFAULT_CONFIG.yaml [config.yaml] [--key value ...]
+#   scripts/launch.sh ENTRY.py [config.yaml] [--key value ...]
+# (the stage's default config, used without a config.yaml, is defined in llmtrain/stages.py)
 #
 # Picks the topology from the environment and starts ENTRY under DeepSpeed ZeRO-2:
 #   GPU node     every visible GPU (NUM_GPUS or CUDA_VISIBLE_DEVICES narrow it)
@@ -15,8 +16,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ENTRY="$ROOT/$1"
-DEFAULT_CONFIG="$2"
-shift 2
+shift 1
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
@@ -27,22 +27,12 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 MAX_RESTARTS="${MAX_RESTARTS:-2}"
 
-# GPUs on this node: NUM_GPUS wins, then CUDA_VISIBLE_DEVICES (empty means none), then nvidia-smi.
-if [[ -n "${NUM_GPUS:-}" ]]; then
-  gpus="$NUM_GPUS"
-elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-  gpus=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-else
-  gpus=0
-fi
+# GPUs and ranks on this node (NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi, NPROC): sets gpus and ranks.
+# The preflight checks the same rule by running this file, so it lives there only.
+source "$ROOT/scripts/topology.sh"
 
 overrides=(--deepspeed "$DS_CONFIG")
-if (( gpus > 0 )); then
-  ranks="$gpus"
-else
-  ranks="${NPROC:-1}"
+if (( gpus == 0 )); then
   overrides+=(--use_cpu true)
   # Share the cores between the CPU ranks instead of letting each oversubscribe them.
   cores=$(nproc)
@@ -70,7 +60,7 @@ else
 fi
 cmd=("${launcher[@]}" "$ENTRY" "${args[@]}")
 
-output_dir=$("$PYTHON" "$ROOT/scripts/output_dir.py" "$DEFAULT_CONFIG" "${args[@]}")
+output_dir=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$ROOT/scripts/output_dir.py" "$(basename "$ENTRY")" "${args[@]}")
 log_dir="$output_dir/logs"
 mkdir -p "$log_dir"
 stamp="$(date +%Y%m%d-%H%M%S)-node$NODE_RANK"
@@ -79,7 +69,7 @@ echo >>"$log_dir/launch-$stamp.sh"
 echo "launch: ${cmd[*]}" | tee "$log_dir/launch-$stamp.log"
 echo "log: $log_dir/launch-$stamp.log"
 
-# Preflight: config, GPUs vs ranks, tokenizer, data files, output dir, disk (llmtrain/tools/doctor.py --fast).
+# Preflight: config, GPUs vs ranks, tokenizer, data files, output dir, disk (python -m llmtrain.tools.doctor --fast).
 if [[ "${SKIP_DOCTOR:-0}" != 1 ]]; then
   set +e
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m llmtrain.tools.doctor "$(basename "$ENTRY" .py)" --fast \

@@ -1,7 +1,8 @@
 """Print the output_dir a launch will use, without importing the training stack (fast).
 
 Used by the launchers to place their logs before Python training starts:
-``python scripts/output_dir.py DEFAULT_CONFIG [config.yaml] [--key value ...]``.
+``python scripts/output_dir.py ENTRY.py [config.yaml] [--key value ...]``; without a config.yaml,
+the stage's default config (:mod:`llmtrain.stages`) is read.
 """
 
 import sys
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import yaml
 
+from llmtrain.stages import find_stage
+
 
 def main(argv: list[str]) -> str:
-    default_config, *args = argv
-    config = Path(default_config)
+    entry, *args = argv
+    config = find_stage(entry).default_config
     if args and not args[0].startswith("-"):
         config = Path(args.pop(0))
     output_dir = None

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llmtrain.tiny_default import TINY_MODEL_DIR
+from llmtrain.paths import TINY_MODEL_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import datasets
 
-from llmtrain.arguments import CommonDataArguments
+from llmtrain.config.arguments import DataArguments
 from llmtrain.data.files import file_fingerprints, resolve_data_files
 from llmtrain.errors import ConfigError
 
@@ -117,7 +117,7 @@ class DataLocation:
 
 
 def locate_prepared_data(
-    data_args: CommonDataArguments, compat: dict[str, Any], stage: str, settings: dict[str, Any]
+    data_args: DataArguments, compat: dict[str, Any], stage: str, settings: dict[str, Any]
 ) -> DataLocation:
     """An existing ``tokenized_path`` as is (raw files unread); else resolve and fingerprint the files.
 

@@ -11,8 +11,8 @@ Every record becomes a list of ``{"role": "system" | "user" | "assistant", "cont
 the shape ``tokenizer.apply_chat_template`` takes, so training sees the same roles as inference
 (Belle/ShareGPT's ``human`` and ``gpt`` become ``user`` and ``assistant``).
 
-Reading is plain Python, one ``json.loads`` per line, so every bad record is reported as
-``file:line: problem`` (``file: record N: problem`` inside a ``.json`` array) in a
+Reading goes through :mod:`llmtrain.data.records`, one ``json.loads`` per line, so every bad record
+is reported as ``file:line: problem`` (``file: record N: problem`` inside a ``.json`` array) in a
 :class:`~llmtrain.errors.DataError`. A ``.json`` file that does not start with ``[`` is read as
 JSON lines, as ``datasets`` does. A conversation without an assistant turn is an error: it has
 nothing to learn from, and a file full of them is usually the wrong role mapping.
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
 
+from llmtrain.data.records import JSON_SUFFIXES, UTF8_BOM, iter_json_records
 from llmtrain.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ Message = dict[str, str]
 
 FORMATS = ("sharegpt", "openai", "alpaca")
 ROLES = ("system", "user", "assistant")
-SUFFIXES = (".jsonl", ".json")
+SUFFIXES = JSON_SUFFIXES
 # The key whose presence identifies each format, checked in this order.
 FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "alpaca": "instruction"}
 FORMAT_SHAPES = (
@@ -45,7 +46,6 @@ FORMAT_SHAPES = (
 )
 # Belle / ShareGPT speaker names -> chat-template roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-UTF8_BOM = b"\xef\xbb\xbf"
 
 CONVERSATION_FEATURES = datasets.Features(
     {
@@ -130,22 +130,17 @@ def read_conversations(path: Path, default_system_prompt: str | None = None) -> 
     _check_system_prompt(default_system_prompt)
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported conversation file type; use {' or '.join(SUFFIXES)}")
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
-    if raw.startswith(UTF8_BOM):
-        raw = raw[len(UTF8_BOM) :]
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
-    is_array = path.suffix == ".json" and raw.lstrip()[:1] == b"["
-    records = _array_records(path, raw) if is_array else _jsonl_records(path, raw)
     conversations: list[dict[str, object]] = []
     fmt = ""
-    for where, record in records:
-        fmt = fmt or detect_format(record, where)
-        messages = normalise_record(record, fmt, where, default_system_prompt)
-        conversations.append({"messages": messages, "source": where})
+    try:
+        for where, record in iter_json_records(path):
+            fmt = fmt or detect_format(record, where)
+            messages = normalise_record(record, fmt, where, default_system_prompt)
+            conversations.append({"messages": messages, "source": where})
+        if not conversations and not path.read_bytes().removeprefix(UTF8_BOM).strip():
+            raise DataError(f"{path}: the file is empty")
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
     if not conversations:
         raise DataError(f"{path}: the file holds no records")
     logger.info("read %d %s conversations from %s", len(conversations), fmt, path)
@@ -170,41 +165,6 @@ def read_conversation_files(paths: Iterable[Path], default_system_prompt: str | 
 def _check_system_prompt(default_system_prompt: str | None) -> None:
     if default_system_prompt is not None and not default_system_prompt.strip():
         raise ConfigError("default_system_prompt is blank; leave it unset for no default system prompt")
-
-
-def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
-    """Yield ``("path:line", record)`` per non-blank line; lines are split on ``\\n`` only.
-
-    ``str.splitlines`` is not used: it also splits on U+2028 and friends, which JSON allows
-    unescaped inside strings.
-    """
-    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{number}"
-        try:
-            line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not valid UTF-8 ({error.reason} at byte {error.start} of the line)") from error
-        if not line.strip():
-            continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: invalid JSON ({error.msg}, column {error.colno})") from error
-
-
-def _array_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
-    """Yield ``("path: record N", record)`` for each element of a ``.json`` array."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({error.reason})") from error
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from error
-    for index, record in enumerate(records, start=1):
-        yield f"{path}: record {index}", record
 
 
 def _turn_messages(record: dict[str, object], fmt: str, where: str) -> list[Message]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmtrain.data.records import decode_line, iter_json_records
 from llmtrain.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -128,35 +128,18 @@ def _diagnose(path: Path, text_field: str) -> str | None:
     """Re-read ``path`` in Python and describe its first bad record as ``file:line: problem``."""
     if path.suffix == ".parquet":
         return None
-    raw = path.read_bytes()
-    # Split on "\n" only: str.splitlines() also breaks at U+2028, which JSON strings may hold raw.
-    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            raw_line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-    if path.suffix == ".txt":
-        return None
-    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
-        try:
-            records = json.loads(raw)
-        except json.JSONDecodeError as error:
-            return f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})"
-        for index, record in enumerate(records, start=1):
+    try:
+        if path.suffix == ".txt":
+            with path.open("rb") as stream:
+                for number, raw_line in enumerate(stream, start=1):
+                    decode_line(raw_line, f"{path}:{number}")
+            return None
+        for where, record in iter_json_records(path):
             problem = _record_problem(record, text_field)
             if problem:
-                return f"{path}: record {index}: {problem}"
-        return None
-    for number, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            return f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno})"
-        problem = _record_problem(record, text_field)
-        if problem:
-            return f"{path}:{number}: {problem}"
+                return f"{where}: {problem}"
+    except DataError as error:
+        return str(error)
     return None
 
 

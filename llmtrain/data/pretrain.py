@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llmtrain.arguments import DataArguments
+from llmtrain.config.arguments import PretrainDataArguments
 from llmtrain.data.cache import PreparedData, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.files import load_text_files, train_validation_splits
 from llmtrain.errors import DataError
@@ -92,7 +92,7 @@ PREPROCESSING_CODE_VERSION = cache_key(
 )
 
 
-def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Load the tokenized dataset for this run, building it first if it does not exist yet.
 
     With ``tokenized_path`` set and present, the raw files are not read at all. Otherwise the
@@ -125,7 +125,7 @@ def prepare_pretrain_data(data_args: DataArguments, tokenizer: PreTrainedTokeniz
 
 
 def _build(
-    data_args: DataArguments,
+    data_args: PretrainDataArguments,
     tokenizer: PreTrainedTokenizerBase,
     train_files: list[Path],
     validation_files: list[Path],

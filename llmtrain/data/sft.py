@@ -30,16 +30,16 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llmtrain.arguments import SFTDataArguments
+from llmtrain.config.arguments import SFTDataArguments
 from llmtrain.data.cache import PreparedData, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.conversations import Message, read_conversation_files
 from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
 from llmtrain.errors import ConfigError, DataError
+from llmtrain.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # the label value torch's cross-entropy ignores
 DROP_TOO_LONG = "too_long"
 DROP_NO_SUPERVISED = "no_supervised_tokens"
 PREVIEW_OPEN, PREVIEW_CLOSE = "[[", "]]"
@@ -65,7 +65,7 @@ def supervised_char_spans(
     :class:`ConfigError` when the template breaks the prefix property (the prompt rendered for
     generation is not a prefix of the training text) or closes a turn without ``end_of_turn``.
 
-    >>> from llmtrain.tiny_default import TINY_MODEL_DIR
+    >>> from llmtrain.paths import TINY_MODEL_DIR
     >>> from transformers import AutoTokenizer
     >>> tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     >>> text, spans = supervised_char_spans(
@@ -232,7 +232,7 @@ class PaddingCollator:
 def preview(input_ids: Sequence[int], labels: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> str:
     """Decode a sample with its supervised runs wrapped in ``[[ ]]``.
 
-    >>> from llmtrain.tiny_default import TINY_MODEL_DIR
+    >>> from llmtrain.paths import TINY_MODEL_DIR
     >>> from transformers import AutoTokenizer
     >>> tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     >>> ids = tok("ab", add_special_tokens=False)["input_ids"]

@@ -23,15 +23,19 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, BatchEncoding, PreTrainedTokenizerBase
 
+from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
+from llmtrain.modeling import load_tokenizer
 from llmtrain.tiny_default import IM_END
-from llmtrain.training import run_cli
+
+if TYPE_CHECKING:
+    from llmtrain.data.conversations import Message
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ DEFAULT_MAX_NEW_TOKENS = 256
 RESET_COMMAND = "/reset"
 EXIT_COMMAND = "/exit"
 INTERACTIVE_PROMPT = "you> "
-
-Message = dict[str, str]
 
 
 class ChatTemplateError(UserInputError):
@@ -73,14 +75,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer (no checkpoint code is run); an unreadable one is a :class:`UserInputError`."""
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise UserInputError(f"cannot load a tokenizer from {path}: {error}") from error
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> Any:

@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
 from llmtrain.tools.chat import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -27,7 +28,6 @@ from llmtrain.tools.chat import (
     send_logs_to_stderr,
     start_messages,
 )
-from llmtrain.training import run_cli
 
 logger = logging.getLogger(__name__)
 

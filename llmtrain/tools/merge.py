@@ -35,18 +35,18 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
+from llmtrain.modeling import load_tokenizer
 from llmtrain.tiny_default import IM_END
 from llmtrain.tools.chat import (
     apply_adapter,
     encode_chat,
     has_tokenizer,
     load_model,
-    load_tokenizer,
     read_adapter_config,
     stop_token_ids,
 )
-from llmtrain.training import run_cli
 
 logger = logging.getLogger(__name__)
 

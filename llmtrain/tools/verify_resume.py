@@ -10,7 +10,7 @@ config and GPUs as a real launch; ``NPROC=2`` for two CPU ranks) twice from scra
 
 1. ``reference``: uninterrupted;
 2. ``resumed``: every rank is SIGKILLed right after step ``--kill_after`` (see
-   :mod:`llmtrain.faults`, ``--fault`` picks another point), and the launcher's automatic
+   :mod:`llmtrain.run.faults`, ``--fault`` picks another point), and the launcher's automatic
    restart resumes it from the last complete checkpoint.
 
 Then it compares the two: per-step training losses and every tensor of the final weights
@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError
-from llmtrain.faults import FAULT_ENV, FAULT_POINTS
-from llmtrain.ledger import ledger_differences, read_ledger
-from llmtrain.training import SUMMARY_FILE, run_cli
+from llmtrain.run.faults import FAULT_ENV, FAULT_POINTS
+from llmtrain.run.ledger import ledger_differences, read_ledger
+from llmtrain.run.output_dir import SUMMARY_FILE
+from llmtrain.stages import STAGES, find_stage
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-LAUNCHERS = {"pretrain": "pretrain.sh", "sft": "finetune.sh"}
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 
 
@@ -90,7 +90,7 @@ def launch(stage: str, user_args: list[str], output_dir: Path, fault: str | None
     if fault:
         env[FAULT_ENV] = fault
         env["MAX_RESTARTS"] = "1"
-    command = ["bash", str(PROJECT_ROOT / LAUNCHERS[stage]), *user_args, "--output_dir", str(output_dir), *run_args]
+    command = ["bash", str(find_stage(stage).launcher_path), *user_args, "--output_dir", str(output_dir), *run_args]
     log_path = output_dir.with_suffix(".log")
     logger.info("%s run: %s (log %s)", "interrupted" if fault else "reference", " ".join(command), log_path)
     with log_path.open("w") as log:
@@ -101,7 +101,7 @@ def launch(stage: str, user_args: list[str], output_dir: Path, fault: str | None
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(LAUNCHERS))
+    parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps of each run")
     parser.add_argument("--kill_after", type=int, default=5, help="the step at which every rank is killed")
     parser.add_argument("--save_every", type=int, default=2, help="checkpoint interval (steps)")

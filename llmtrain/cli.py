@@ -1,0 +1,57 @@
+"""The command-line wrapper of every entry point and tool: console logging and exit codes.
+
+Light on purpose (logging and :mod:`llmtrain.errors` only): ``python -m llmtrain.tools.chat``
+imports this, not the training stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from llmtrain.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    TrainingDiverged,
+    TrainingPreempted,
+    UserInputError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    """Console logging for entry points: INFO on the launcher's rank 0, warnings on the others.
+
+    ``RANK`` (set by every launcher) is read here because arguments are logged while being
+    parsed, before the Trainer knows the rank; :func:`llmtrain.run.process.set_rank_log_level` takes over after.
+    """
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+        stream=sys.stdout,
+    )
+    # DeepSpeed probes for libaio with a test compile at import; its gcc lines are not ours to show.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
+
+
+def run_cli(main: Callable[[list[str]], None]) -> int:
+    """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75,
+    a non-finite loss under ``nonfinite_policy: stop`` exit 3."""
+    setup_logging()
+    try:
+        main(sys.argv[1:])
+    except UserInputError as error:
+        logger.error("%s", error)
+        return USER_ERROR_EXIT_CODE
+    except TrainingPreempted as stopped:
+        logger.warning("%s", stopped)
+        return PREEMPTED_EXIT_CODE
+    except TrainingDiverged as diverged:
+        logger.error("%s", diverged)
+        return DIVERGED_EXIT_CODE
+    return 0

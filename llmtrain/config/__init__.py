@@ -1,0 +1,1 @@
+"""Run configuration: argument dataclasses (``arguments``), YAML + CLI parsing (``parser``), secrets (``secrets``)."""

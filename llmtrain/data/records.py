@@ -1,0 +1,156 @@
+"""Read JSON records from ``.jsonl`` / ``.json`` files with errors that name the file and the line.
+
+The one JSON reader of the project: the pretraining file diagnosis, the conversation reader and
+the preflight (``doctor``) all go through it, so a bad record is described the same way wherever
+it is found::
+
+    path:LINE: not valid UTF-8 (invalid start byte at byte 5 of the line)
+    path:LINE: invalid JSON (Expecting value, column 1)
+
+A ``.jsonl`` file, and a ``.json`` file that does not start with ``[`` (``datasets`` reads those
+as JSON lines too), yields one record per non-blank line, located as ``path:LINE``. A ``.json``
+array yields its elements, located as ``path: record N``. A leading UTF-8 byte-order mark is
+ignored. Lines are split on ``\\n`` only: ``str.splitlines`` would also split at U+2028, which JSON
+strings may hold unescaped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmtrain.errors import DataError
+
+UTF8_BOM = b"\xef\xbb\xbf"
+JSON_SUFFIXES = (".jsonl", ".json")
+ARRAY_PROBE_BYTES = 64  # enough to see past a BOM and leading whitespace to a ``[``
+
+
+def is_json_array(path: Path) -> bool:
+    """True for a ``.json`` file whose first non-blank character is ``[``."""
+    if path.suffix != ".json":
+        return False
+    with path.open("rb") as stream:
+        start = stream.read(ARRAY_PROBE_BYTES).removeprefix(UTF8_BOM).lstrip()
+    return start[:1] == b"["
+
+
+def decode_line(raw_line: bytes, where: str) -> str:
+    """``raw_line`` as text, or a :class:`DataError` at ``where`` naming the bad byte.
+
+    >>> decode_line(b"caf\\xe9 au lait", "c.txt:2")
+    Traceback (most recent call last):
+    ...
+    llmtrain.errors.DataError: c.txt:2: not valid UTF-8 (invalid continuation byte at byte 3 of the line)
+    """
+    try:
+        return raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: not valid UTF-8 ({error.reason} at byte {error.start} of the line)") from error
+
+
+def parse_json_line(line: str, where: str) -> object:
+    """One JSON value, or a :class:`DataError` at ``where`` with the parser's reason and column.
+
+    >>> parse_json_line('{"text": "hi"}', "a.jsonl:1")
+    {'text': 'hi'}
+    >>> parse_json_line('{"text": ', "a.jsonl:7")
+    Traceback (most recent call last):
+    ...
+    llmtrain.errors.DataError: a.jsonl:7: invalid JSON (Expecting value, column 10)
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: invalid JSON ({error.msg}, column {error.colno})") from error
+
+
+def iter_json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """Yield ``(where, record)`` for every record of a JSON-lines file or ``.json`` array, in order.
+
+    JSON lines are streamed (memory bounded by the longest line); an array is parsed whole.
+    Raises :class:`DataError` naming ``path`` and the line for invalid UTF-8 or JSON.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "d.jsonl"; _ = p.write_bytes(b'{"a": 1}\\n\\n[2]\\n')
+    >>> [(where.rsplit("/", 1)[1], record) for where, record in iter_json_records(p)]
+    [('d.jsonl:1', {'a': 1}), ('d.jsonl:3', [2])]
+    """
+    if is_json_array(path):
+        yield from _array_records(path)
+        return
+    for found in _line_records(path, budget_bytes=None):
+        assert found is not None  # only a byte budget cuts the file short
+        yield found
+
+
+def first_json_record(path: Path, max_bytes: int) -> tuple[str, object] | None:
+    """``(where, record)`` of the first record, reading at most ``max_bytes`` of the file.
+
+    Returns None when the first record lies beyond that cap (the preflight reads only what is
+    cheap). Raises :class:`DataError` when the file holds no records or its first record is not
+    valid UTF-8 / JSON.
+    """
+    if is_json_array(path):
+        return _first_array_record(path, max_bytes)
+    for found in _line_records(path, budget_bytes=max_bytes):
+        return found
+    raise DataError(f"{path}: the file holds no records")
+
+
+def _line_records(path: Path, budget_bytes: int | None) -> Iterator[tuple[str, object] | None]:
+    """``(path:LINE, record)`` per non-blank line; a single None once ``budget_bytes`` are read."""
+    read = 0
+    with path.open("rb") as stream:
+        for number, raw_line in enumerate(iter(lambda: stream.readline(budget_bytes or -1), b""), start=1):
+            read += len(raw_line)
+            if budget_bytes is not None and (
+                read > budget_bytes or (len(raw_line) == budget_bytes and raw_line[-1:] != b"\n")
+            ):
+                yield None
+                return
+            if number == 1:
+                raw_line = raw_line.removeprefix(UTF8_BOM)
+            where = f"{path}:{number}"
+            line = decode_line(raw_line, where)
+            if line.strip():
+                yield where, parse_json_line(line, where)
+
+
+def _array_records(path: Path) -> Iterator[tuple[str, object]]:
+    raw = path.read_bytes().removeprefix(UTF8_BOM)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({error.reason})") from error
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from error
+    for index, record in enumerate(records, start=1):
+        yield f"{path}: record {index}", record
+
+
+def _first_array_record(path: Path, max_bytes: int) -> tuple[str, object] | None:
+    """The first element of a ``.json`` array, parsed from the file's first ``max_bytes`` only."""
+    with path.open("rb") as stream:
+        head = stream.read(max_bytes)
+    complete = len(head) < max_bytes
+    try:  # a cut-off read may end inside a multi-byte character
+        text = head.removeprefix(UTF8_BOM).decode("utf-8", errors="strict" if complete else "ignore")
+    except UnicodeDecodeError as error:
+        line = head.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({error.reason})") from error
+    body = text.lstrip()[1:].lstrip()  # after the opening "["
+    if body.startswith("]"):
+        raise DataError(f"{path}: the file holds no records")
+    try:
+        record, _ = json.JSONDecoder().raw_decode(body)
+    except json.JSONDecodeError as error:
+        if not complete:
+            return None
+        line = text[: len(text) - len(body) + error.pos].count("\n") + 1
+        raise DataError(f"{path}:{line}: invalid JSON ({error.msg}, column {error.colno})") from error
+    return f"{path}: record 1", record

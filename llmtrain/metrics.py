@@ -1,0 +1,294 @@
+"""Training speed in every log: token accounting, throughput and MFU arithmetic.
+
+* **MFU.** :func:`flops_per_token` (6N plus the attention term), :data:`PEAK_BF16_TFLOPS`,
+  :func:`device_peak_flops` and :func:`mfu`.
+* **Throughput logging.** :class:`TokenCounter` counts real, padded and supervised tokens of every
+  training batch without a device sync; :class:`ThroughputCallback` turns the counts into
+  ``tokens_per_second``, ``supervised_tokens_per_second``, ``padding_share`` and ``mfu`` in every
+  training log (console and trackers), summed over ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, TrainerCallback, TrainerControl, TrainerState
+from transformers import TrainingArguments as HFTrainingArguments
+
+from llmtrain.loss import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+# Dense (no structured sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets.
+# Keys are matched as substrings of torch.cuda.get_device_name(), longest first, so "H100 PCIe"
+# wins over "H100" and "L40S" over "L4".
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "H100 PCIe": 756.0,  # H100 PCIe datasheet: 1,513 with sparsity
+    "H100 NVL": 835.0,  # H100 NVL datasheet: 1,671 with sparsity
+    "H100": 989.4,  # H100 SXM5 (torch names it "NVIDIA H100 80GB HBM3"): 1,979 with sparsity
+    "H200": 989.4,  # H200 SXM: same compute as H100 SXM
+    "GH200": 989.4,  # Grace Hopper superchip: H100-SXM-class GPU
+    "B200": 2250.0,  # DGX B200 datasheet, per GPU: 4,500 with sparsity
+    "A100": 312.0,  # A100 SXM4 and PCIe alike: 624 with sparsity
+    "L40S": 362.0,  # L40S datasheet: 733 with sparsity
+    "A10G": 125.0,  # AWS's A10 variant, assumed equal to the A10 datasheet (250 with sparsity)
+    "A10": 125.0,  # A10 datasheet: 250 with sparsity
+    "L4": 121.0,  # L4 datasheet: 242 with sparsity
+    "RTX 4090": 165.2,  # Ada whitepaper, bf16 with fp32 accumulate: 330.4 with sparsity
+}
+
+
+# --------------------------------------------------------------------------- MFU arithmetic
+
+
+def count_flop_params(config: PretrainedConfig) -> int:
+    """N of the 6N rule for a Qwen2-style config: every weight a token is multiplied by.
+
+    Counted: q/k/v projections with their biases (k and v are ``num_key_value_heads * head_dim``
+    wide), o_proj, the gate/up/down MLP, both RMSNorms of every layer, the final norm, and the
+    output projection once (also when it is tied to the input embedding). Not counted: the input
+    embedding table (a lookup, no multiply). For a tied model this equals the parameter count.
+
+    >>> from transformers import Qwen2Config
+    >>> count_flop_params(Qwen2Config(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+    ...                               num_attention_heads=2, num_key_value_heads=1))
+    204
+    """
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    attention = (hidden * q_width + q_width) + 2 * (hidden * kv_width + kv_width) + q_width * hidden
+    mlp = 3 * hidden * config.intermediate_size
+    norms = 2 * hidden
+    per_layer = attention + mlp + norms
+    return config.num_hidden_layers * per_layer + hidden + config.vocab_size * hidden
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): ``6 N + 12 n_layers d_attn seq_len``.
+
+    ``N`` is :func:`count_flop_params`. The attention term is PaLM's (Chowdhery et al. 2022,
+    appendix B): the ``QK^T`` and ``AV`` matmuls, 2 FLOPs per multiply-add, ×3 for forward plus
+    backward, with ``d_attn = num_attention_heads * head_dim``, and **no causal halving** (the
+    convention the published 40-45 % MFU figures use). For packed rows ``seq_len`` is the row
+    length, an upper bound on the attention actually computed.
+
+    >>> from transformers import Qwen2Config
+    >>> c = Qwen2Config(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+    ...                 num_attention_heads=2, num_key_value_heads=1)
+    >>> flops_per_token(c, seq_len=16)  # 6 * 204 + 12 * 1 * 4 * 16
+    1992.0
+    """
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attention = 12 * config.num_hidden_layers * heads * head_dim * seq_len
+    return float(6 * count_flop_params(config) + attention)
+
+
+def device_peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16 peak in FLOP/s for a GPU name (as ``torch.cuda.get_device_name`` gives it), or None.
+
+    >>> device_peak_flops("NVIDIA H100 80GB HBM3")
+    989400000000000.0
+    >>> device_peak_flops("NVIDIA L40S") / 1e12, device_peak_flops("NVIDIA L4") / 1e12
+    (362.0, 121.0)
+    >>> device_peak_flops("cpu") is None
+    True
+    """
+    if not device_name:
+        return None
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return PEAK_BF16_TFLOPS[key] * 1e12
+    return None
+
+
+def current_device_peak_flops() -> float | None:
+    """:func:`device_peak_flops` of the current CUDA device; None on CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return device_peak_flops(torch.cuda.get_device_name())
+
+
+def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (a fraction, not %).
+
+    >>> mfu(10_000, 6e9, 989.4e12)  # 10k tokens/s of a 1B model on an H100
+    0.06064281382656155
+    """
+    return tokens_per_second_per_device * flops_per_token / peak_flops
+
+
+# --------------------------------------------------------------------------- throughput accounting
+
+
+class TokenCounter:
+    """Running counts of training positions, real tokens and supervised tokens; no device sync.
+
+    A batch's positions are ``input_ids.numel()``; real tokens are ``attention_mask.sum()`` when
+    there is a mask, else every position (packed rows flattened with ``position_ids`` have no
+    padding); supervised tokens are the labels the causal-LM loss counts: ``shift_labels`` when
+    the batch has them, else ``labels[..., 1:] != -100``. Counts accumulate on the batch's device
+    and are read (one sync) by :meth:`take`.
+
+    >>> counter = TokenCounter()
+    >>> counter.observe({"input_ids": torch.ones(2, 4, dtype=torch.long),
+    ...                  "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+    ...                  "labels": torch.tensor([[-100, 5, 6, -100], [-100, 7, -100, -100]])})
+    >>> counter.take()
+    {'positions': 8, 'real_tokens': 5, 'supervised_tokens': 3}
+    """
+
+    def __init__(self) -> None:
+        self._positions = 0
+        self._real: torch.Tensor | int = 0
+        self._supervised: torch.Tensor | int = 0
+
+    def observe(self, batch: Mapping[str, Any]) -> None:
+        """Add one micro-batch (the dict the model is called with) to the counts."""
+        input_ids = batch.get("input_ids")
+        labels = batch.get("labels")
+        reference = input_ids if input_ids is not None else labels
+        if reference is None:
+            return
+        positions = reference.numel()
+        self._positions += positions
+        mask = batch.get("attention_mask")
+        self._real = self._real + (mask.sum() if mask is not None and mask.dim() == 2 else positions)
+        shift_labels = batch.get("shift_labels")
+        if shift_labels is not None:
+            self._supervised = self._supervised + (shift_labels != IGNORE_INDEX).sum()
+        elif labels is not None:
+            self._supervised = self._supervised + (labels[..., 1:] != IGNORE_INDEX).sum()
+
+    def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Observe every training-mode call of ``model`` (a forward pre-hook); returns the hook's handle.
+
+        For Trainers that are not subclassed: the Trainer calls ``model(**inputs)``, so the hook
+        sees the batch as keyword arguments. Calls in eval mode are not counted.
+        """
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if module.training:
+                self.observe(kwargs)
+
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def take(self) -> dict[str, int]:
+        """Return the counts since the last call (one device sync) and reset them."""
+        counts = self.take_tensor(device=None).tolist()
+        return {"positions": int(counts[0]), "real_tokens": int(counts[1]), "supervised_tokens": int(counts[2])}
+
+    def take_tensor(self, device: torch.device | None) -> torch.Tensor:
+        """The counts since the last call as a float64 tensor ``[positions, real, supervised]``; resets them.
+
+        ``device`` None keeps the tensor where the counts accumulated (CPU when nothing was seen).
+        """
+        parts = [self._real, self._supervised]
+        where = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
+        totals = torch.stack(
+            [torch.as_tensor(value, device=where, dtype=torch.float64) for value in (self._positions, *parts)]
+        )
+        self._positions, self._real, self._supervised = 0, 0, 0
+        return totals if device is None else totals.to(device)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds throughput to every training log: tokens/s (real and supervised), padding share, MFU.
+
+    Keys (world totals over the interval since the previous training log, evaluation and
+    checkpoint-saving time excluded): ``tokens_per_second``, ``supervised_tokens_per_second``,
+    ``padding_share`` (padded positions / all positions) and, when ``model_config`` and
+    ``seq_len`` are given and the device's bf16 peak is known, ``mfu`` (per-device tokens/s ×
+    :func:`flops_per_token` / peak). The counts come from ``counter`` (:class:`TokenCounter`),
+    which the training step feeds. ``on_log`` runs on every rank in transformers' Trainer, so the
+    counts are summed with one ``all_reduce`` per log. List this callback before any tracker's
+    callback (SwanLab's) so they see the added keys; they are also added to ``state.log_history``.
+    """
+
+    def __init__(
+        self,
+        counter: TokenCounter,
+        model_config: PretrainedConfig | None = None,
+        seq_len: int | None = None,
+        peak_flops: float | None = None,
+    ) -> None:
+        self.counter = counter
+        self.flops_per_token = flops_per_token(model_config, seq_len) if model_config and seq_len else None
+        self.peak_flops = peak_flops
+        self._interval_start = time.perf_counter()
+        self._mark = self._interval_start
+        self._excluded = 0.0
+
+    def on_train_begin(
+        self, args: HFTrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = current_device_peak_flops()
+        self.counter.take_tensor(device=None)  # drop anything counted before training
+        self._interval_start = self._mark = time.perf_counter()
+        self._excluded = 0.0
+
+    def on_step_end(
+        self, args: HFTrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._mark = time.perf_counter()
+
+    def _exclude_since_mark(self) -> None:
+        now = time.perf_counter()
+        self._excluded += now - self._mark
+        self._mark = now
+
+    def on_evaluate(
+        self, args: HFTrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._exclude_since_mark()
+
+    def on_save(self, args: HFTrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._exclude_since_mark()
+
+    def on_log(
+        self,
+        args: HFTrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs or "loss" not in logs:  # evaluation and end-of-training summaries
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self._interval_start - self._excluded, 1e-9)
+        self._interval_start = self._mark = now
+        self._excluded = 0.0
+        totals, world_size = self._world_totals()
+        positions, real, supervised = totals.tolist()
+        added = {
+            "tokens_per_second": real / elapsed,
+            "supervised_tokens_per_second": supervised / elapsed,
+            "padding_share": (positions - real) / positions if positions else 0.0,
+        }
+        if self.flops_per_token is not None and self.peak_flops:
+            added["mfu"] = mfu(real / elapsed / world_size, self.flops_per_token, self.peak_flops)
+        logs.update(added)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(added)
+
+    def _world_totals(self) -> tuple[torch.Tensor, int]:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.counter.take_tensor(device=torch.device("cpu")), 1
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        totals = self.counter.take_tensor(device=device)
+        if device is None:
+            totals = totals.cpu()
+        dist.all_reduce(totals)
+        return totals.cpu(), dist.get_world_size()

@@ -1,0 +1,179 @@
+"""Crash-safe checkpoints: a completion marker written last, resume from complete ones, safe rotation.
+
+A ``checkpoint-N`` folder counts only once it holds ``llmtrain_complete.json``: a manifest of
+every file in the folder (size and SHA-256) written after all ranks finished their part of the
+save, to a temporary name, fsynced and renamed into place. So a save cut off at any point leaves
+no marker, and resume skips that folder with a logged reason. The Trainer's own rotation (which
+orders by mtime and runs before the other ranks are done) is replaced by :func:`rotate`, which
+only ever deletes checkpoints older than the newest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from llmtrain.run.faults import FaultInjector
+from llmtrain.run.manifest import write_manifest
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "llmtrain_complete.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+HASH_CHUNK_BYTES = 1 << 24
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders, newest (highest N) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in bounded chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_completion_marker(checkpoint: Path, details: dict[str, Any]) -> None:
+    """Record every file of ``checkpoint`` (size, SHA-256) in the marker, atomically and last."""
+    files = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and not path.name.startswith(".") and path.name != COMPLETE_MARKER
+    }
+    staging = checkpoint / f".{COMPLETE_MARKER}.tmp"
+    with staging.open("w") as stream:
+        json.dump({**details, "files": files}, stream, indent=1, sort_keys=True)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(staging, checkpoint / COMPLETE_MARKER)
+
+
+def checkpoint_problem(checkpoint: Path, verify_checksums: bool = False) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None when its marker and files agree.
+
+    Sizes are always compared; checksums only with ``verify_checksums`` (it reads every byte).
+    """
+    marker = checkpoint / COMPLETE_MARKER
+    if not marker.is_file():
+        return "no completion marker (the save did not finish, or another tool wrote it)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        return f"unreadable completion marker ({error})"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the marker says {expected['size']}"
+        if verify_checksums and file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def saved_world_size(checkpoint: Path) -> int | None:
+    """The number of ranks that wrote ``checkpoint`` (from its completion marker), if recorded."""
+    marker = checkpoint / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    size = json.loads(marker.read_text()).get("world_size")
+    return int(size) if size is not None else None
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """Convert ``checkpoint``'s ZeRO shards to DeepSpeed's universal format (loadable on any world size).
+
+    Writes ``global_stepN_universal/`` (built aside, then renamed) and ``latest_universal`` next to
+    the original shards, which stay as they were. Returns the universal folder; an existing one is
+    reused.
+    """
+    tag = (checkpoint / "latest").read_text().strip()
+    universal = checkpoint / f"{tag}_universal"
+    if not universal.is_dir():
+        staging = checkpoint / f".{tag}_universal.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint / tag),
+            "--output_folder", str(staging), "--inject_missing_state",
+        ]  # fmt: skip
+        logger.info("converting %s to a universal checkpoint: %s", checkpoint, " ".join(command))
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            output = result.stdout[-2000:] + result.stderr[-2000:]
+            raise RuntimeError(f"ds_to_universal failed on {checkpoint}:\n{output}")
+        os.replace(staging, universal)
+    latest = checkpoint / ".latest_universal.tmp"
+    latest.write_text(universal.name)
+    os.replace(latest, checkpoint / "latest_universal")
+    return universal
+
+
+def find_resume_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir``; newer incomplete ones are logged and skipped."""
+    for checkpoint in list_checkpoints(output_dir):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        logger.warning("skipping %s: %s", checkpoint, problem)
+    return None
+
+
+def rotate(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete checkpoints beyond the newest ``keep`` complete ones; return what was deleted.
+
+    Only folders older than the newest complete checkpoint are candidates (newer ones may still
+    be being written), so the last complete checkpoint survives until a newer one is complete.
+    Incomplete folders older than it are leftovers of interrupted saves and are removed too.
+    """
+    if keep is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    complete = [c for c in checkpoints if checkpoint_problem(c) is None]
+    if not complete:
+        return []
+    newest_step = int(complete[0].name.split("-")[1])
+    kept = set(complete[: max(keep, 1)])
+    doomed = [c for c in checkpoints if int(c.name.split("-")[1]) <= newest_step and c not in kept]
+    for checkpoint in doomed:
+        logger.info("rotating out %s (save_total_limit=%d)", checkpoint, keep)
+        shutil.rmtree(checkpoint)
+    return doomed
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """After every save: wait for all ranks, then (rank 0) add the run manifest, write the marker, rotate."""
+
+    def __init__(self, keep: int | None, manifest: dict[str, Any], faults: FaultInjector | None = None) -> None:
+        self.keep = keep
+        self.manifest = manifest
+        self.faults = faults or FaultInjector(None, "")
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's optimizer shard and RNG state is on disk past this point
+        self.faults.maybe_kill("kill_during_save", state.global_step)
+        if state.is_world_process_zero:
+            checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            write_manifest(checkpoint, self.manifest, state.global_step)
+            write_completion_marker(checkpoint, {"global_step": state.global_step, "world_size": args.world_size})
+            rotate(Path(str(args.output_dir)), self.keep)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank runs ahead (or gets killed) believing a save is done before the marker is

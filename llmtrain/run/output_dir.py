@@ -1,0 +1,200 @@
+"""Output-dir rules and run identity: what a launch finds in ``output_dir`` and what it may do there.
+
+Output-dir rules, checked before anything is written:
+
+* nothing there, or only logs: train from step 0;
+* checkpoints there: resume from the newest complete one (no flag needed);
+* this exact run already finished there: say so and exit 0;
+* a finished model of another run there: refuse, unless ``--start_over true``, which moves
+  everything aside to ``output_dir/previous/<time>/`` (nothing is deleted).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtrain.config.arguments import TrainArguments
+from llmtrain.errors import ConfigError
+from llmtrain.run.checkpoints import find_resume_checkpoint, list_checkpoints
+from llmtrain.run.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.yaml"
+SUMMARY_FILE = "train_summary.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+FINAL_STAGING_DIR = ".final-partial"
+ARCHIVE_DIR = "previous"
+KEPT_ON_START_OVER = frozenset({"logs", ARCHIVE_DIR})  # launcher logs of the current launch stay put
+FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# Settings that may differ between launches of the same run (logging, launch topology, tracking).
+VOLATILE_KEYS = frozenset(
+    {
+        "start_over", "local_rank", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
+        "save_steps", "save_strategy", "save_total_limit", "eval_steps", "dataloader_num_workers",
+        "ddp_timeout", "deepspeed", "use_cpu", "disable_tqdm", "log_level", "log_level_replica",
+        "swanlab_project", "swanlab_experiment_name", "swanlab_mode", "swanlab_log_dir",
+        "prepare_only", "preprocessing_num_workers", "tokenized_path", "dataset_cache_dir", "run_name",
+    }
+)  # fmt: skip
+
+
+# Settings that decide which parameters exist and how they are shaped or initialised: a checkpoint
+# written under other values would load partially (or into the wrong modules), so resuming is refused.
+STRUCTURAL_KEYS = frozenset(
+    {
+        "model_name_or_path", "config_name", "tokenizer_name_or_path", "finetuning_type", "lora_r", "lora_alpha",
+        "lora_dropout", "lora_target_modules", "layers_to_transform", "trainable_last_n_layers", "train_final_norm",
+        "train_lm_head",
+    }
+)  # fmt: skip
+
+
+def run_identity(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that define a run: everything but logging, launch and tracking knobs."""
+    return {key: value for key, value in run_config.items() if key not in VOLATILE_KEYS}
+
+
+@dataclass
+class RunStart:
+    """What the output dir says about this launch."""
+
+    resume_from: Path | None
+    already_finished: bool
+    # start_over with something in output_dir: move it aside to previous/ when the dir is opened.
+    archive_first: bool = False
+    # Names the experiment in trackers (SwanLab's run id); kept in every checkpoint so a resume continues it.
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            saved = read_manifest(self.resume_from).get("run_id") if self.resume_from else None
+            self.run_id = str(saved) if saved else new_run_id()
+
+
+def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunStart:
+    """Apply the output-dir rules (module docstring) without writing anything; every rank may call it.
+
+    Raises :class:`ConfigError` for an output dir this run must not touch. Nothing is written
+    until :func:`open_output_dir`, which the entry points call only once the data and the model
+    are built, so a bad input never leaves a half-initialised output dir behind.
+    """
+    output_dir = Path(str(args.output_dir))
+    saved_config_path = output_dir / RUN_CONFIG_FILE
+    saved_config = yaml.safe_load(saved_config_path.read_text()) if saved_config_path.is_file() else None
+    has_model = any((output_dir / name).is_file() for name in FINAL_MODEL_FILES)
+    checkpoints = list_checkpoints(output_dir)
+    differing = _differing_keys(saved_config, run_config)
+    same_run = saved_config is not None and not differing
+
+    if args.start_over and (has_model or checkpoints or saved_config is not None):
+        return RunStart(resume_from=None, already_finished=False, archive_first=True)
+    if has_model and not same_run:
+        detail = f"settings differ: {', '.join(differing)}" if saved_config is not None else "no run_config.yaml"
+        raise ConfigError(
+            f"output_dir {output_dir} holds a finished model of another run ({detail}); "
+            "pass --start_over true to move it aside, or choose another output_dir"
+        )
+    if same_run and (output_dir / SUMMARY_FILE).is_file():
+        logger.info("%s already holds the finished model of this run; nothing to do", output_dir)
+        return RunStart(resume_from=None, already_finished=True)
+    resume_from = find_resume_checkpoint(output_dir)
+    if resume_from is not None:
+        _check_structure_unchanged(resume_from, run_config)
+        logger.info("resuming from %s (step %s)", resume_from, resume_from.name.split("-")[-1])
+    if checkpoints and differing and saved_config is not None:
+        logger.warning("resuming with changed settings: %s", ", ".join(differing))
+    return RunStart(resume_from=resume_from, already_finished=False)
+
+
+def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: RunStart) -> None:
+    """Create ``output_dir`` (moving an old run aside first under ``start_over``) and record the config.
+
+    Only the main process writes; the other ranks wait for it.
+    """
+    output_dir = Path(str(args.output_dir))
+    with args.main_process_first(local=False, desc="open output_dir"):
+        if args.should_save:
+            if start.archive_first:
+                _archive(output_dir)
+            problem = writable_problem(output_dir)
+            try:
+                if problem is None:
+                    output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                problem = str(error.strerror or error)
+            if problem is not None:
+                raise ConfigError(f"output_dir {output_dir} is not writable: {problem}")
+            (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
+
+
+def _check_structure_unchanged(checkpoint: Path, run_config: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` under settings that change the trained parameters (STRUCTURAL_KEYS)."""
+    saved = read_manifest(checkpoint).get("config", {})
+    changed = sorted(key for key in STRUCTURAL_KEYS if key in saved and saved[key] != run_config.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved[key]!r} -> {run_config.get(key)!r}" for key in changed)
+        raise ConfigError(
+            f"output_dir {checkpoint.parent}: {checkpoint.name} was trained with other model/adapter settings "
+            f"({details}); resuming would load it partially. Restore those settings, choose another output_dir, "
+            "or pass --start_over true to move the old run aside"
+        )
+
+
+def new_run_id() -> str:
+    """A fresh run id: 21 lowercase letters and digits, the shape SwanLab's own ids have."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(21))
+
+
+def _differing_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    if saved is None:
+        return []
+    saved_identity, current_identity = run_identity(saved), run_identity(current)
+    keys = set(saved_identity) | set(current_identity)
+    return sorted(key for key in keys if saved_identity.get(key) != current_identity.get(key))
+
+
+def _archive(output_dir: Path) -> None:
+    archive = output_dir / ARCHIVE_DIR / time.strftime("%Y%m%d-%H%M%S")
+    archive.mkdir(parents=True)
+    for entry in sorted(output_dir.iterdir()):
+        if entry.name not in KEPT_ON_START_OVER:
+            shutil.move(str(entry), archive / entry.name)
+    logger.warning("start_over: moved the previous contents of %s to %s", output_dir, archive)
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why files cannot be written at ``path`` (a directory, created if missing), or None when they can.
+
+    A probe file is created and deleted in ``path``, or in its nearest existing parent when ``path``
+    does not exist yet; nothing is created or left behind. Shared by the run and the preflight.
+    """
+    target = nearest_existing(path)
+    if not target.is_dir():
+        return f"{target} is not a directory, so {path} cannot be created there"
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".llmtrain-probe-", dir=target)
+    except OSError as error:
+        return f"cannot write in {target} ({error.strerror or error})"
+    os.close(descriptor)
+    os.unlink(probe)
+    return None

@@ -1,0 +1,127 @@
+"""Training to the end: the Trainer built in ``output_dir``, world-size adaptation on resume, the staged final save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llmtrain.config.arguments import TrainArguments
+from llmtrain.data.cache import PreparedData
+from llmtrain.errors import TrainingPreempted
+from llmtrain.run.checkpoints import convert_to_universal, saved_world_size
+from llmtrain.run.manifest import run_manifest, write_manifest
+from llmtrain.run.output_dir import FINAL_STAGING_DIR, LOSS_CURVE_FILE, SUMMARY_FILE, RunStart, open_output_dir
+from llmtrain.run.tracking import plot_loss_curve
+from llmtrain.run.trainer import LlmTrainer, build_trainer
+
+logger = logging.getLogger(__name__)
+
+
+def train_in_output_dir(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    args: TrainArguments,
+    run_config: dict[str, Any],
+    start: RunStart,
+    data: PreparedData,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    sequence_length: int,
+) -> dict[str, Any]:
+    """The tail both stages share: open ``output_dir``, record the manifest, build the Trainer, train and save.
+
+    Called once the data and the model are built, so a bad input never leaves a half-initialised
+    output dir behind. Returns the summary written to ``train_summary.json``.
+    """
+    open_output_dir(args, run_config, start)
+    manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
+    trainer = build_trainer(model, tokenizer, args, data.train, data.eval, data_collator, manifest, sequence_length)
+    return train_and_save(trainer, start, manifest)
+
+
+def _adapt_to_world_size(trainer: LlmTrainer, checkpoint: Path) -> None:
+    """Resume a ZeRO checkpoint written by a different number of ranks through a universal checkpoint.
+
+    ZeRO-2 partitions the optimizer state by rank, so DeepSpeed refuses such a checkpoint as it
+    is. The main process converts it once (``deepspeed.checkpoint.ds_to_universal``) and every
+    rank loads the universal form. The data order cannot continue exactly: the global batch
+    changes with the world size unless the per-device batch or accumulation is changed to match.
+    """
+    args = trainer.args
+    saved = saved_world_size(checkpoint)
+    if saved is None or saved == args.world_size or not trainer.is_deepspeed_enabled:
+        return
+    logger.warning(
+        "%s was written by %d rank(s), this run has %d: converting it to a universal checkpoint. The global batch "
+        "and the data order differ from the original run's from here on (per_device_train_batch_size x "
+        "gradient_accumulation_steps x world size sets the global batch)",
+        checkpoint,
+        saved,
+        args.world_size,
+    )
+    with args.main_process_first(local=False, desc="universal checkpoint"):
+        if args.should_save:
+            convert_to_universal(checkpoint)
+    plugin: Any = trainer.accelerator.state.deepspeed_plugin
+    plugin.hf_ds_config.config.setdefault("checkpoint", {})["load_universal"] = True
+
+
+def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming if ``start`` says so), save the final model, summary and loss curve.
+
+    Returns the summary written to ``train_summary.json``.
+    """
+    args = trainer.args
+    if start.resume_from is not None:
+        _adapt_to_world_size(trainer, start.resume_from)
+    result = trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
+    output_dir = Path(str(args.output_dir))
+    guard = trainer.step_guard
+    if guard.preempted_at_step is not None:
+        raise TrainingPreempted(
+            f"stopped on {guard.signal_name or 'a signal on another rank'} after saving "
+            f"{output_dir / f'checkpoint-{guard.preempted_at_step}'}; rerun the same command to resume"
+        )
+    # Trained with the cache off (see build_model); inference wants it back on.
+    model: Any = trainer.model
+    model.config.use_cache = True
+    # Saved aside, then moved in: output_dir never holds a half-written final model.
+    staging = output_dir / FINAL_STAGING_DIR
+    trainer.save_model(str(staging))
+    if args.should_save:
+        write_manifest(staging, manifest, trainer.state.global_step)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, output_dir / path.name)
+        staging.rmdir()
+    engine: Any = trainer.model_wrapped
+    summary = {
+        "global_step": trainer.state.global_step,
+        "resumed_from": str(start.resume_from) if start.resume_from else None,
+        "world_size": args.world_size,
+        "deepspeed": trainer.is_deepspeed_enabled,
+        "engine": type(engine).__name__,
+        "zero_stage": engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None,
+        "train_loss": result.training_loss,
+        "skipped_nonfinite": guard.skipped_nonfinite,
+        "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+    }
+    if args.should_save:
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)
+        summary_tmp = output_dir / f".{SUMMARY_FILE}.tmp"
+        summary_tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(summary_tmp, output_dir / SUMMARY_FILE)
+        logger.info(
+            "finished at step %d (engine %s, ZeRO stage %s, world size %d); model saved to %s",
+            summary["global_step"],
+            summary["engine"],
+            summary["zero_stage"],
+            summary["world_size"],
+            output_dir,
+        )
+    return summary

@@ -1,0 +1,178 @@
+"""The environment checks: libraries against requirements.txt's pins, the launcher's GPUs and ranks against torch."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmtrain.config.arguments import TrainArguments
+from llmtrain.paths import REQUIREMENTS_FILE, TOPOLOGY_SCRIPT
+from llmtrain.tools.doctor.report import OK, WARNING, PreflightError, Report
+
+# Distribution name = import name for each of these.
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "peft",
+    "swanlab",
+    "torchdata",
+)
+TOPOLOGY_TIMEOUT_S = 30  # the script answers in milliseconds; only a hung nvidia-smi takes longer
+
+
+# --- libraries -------------------------------------------------------------------------------
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``name: version`` for every ``name[extras]==version`` line of a requirements file.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "r.txt"
+    >>> _ = p.write_text("# pins\\ntorch==2.1.0\\nswanlab[dashboard]==0.1\\nx>=1\\n")
+    >>> read_pins(p)
+    {'torch': '2.1.0', 'swanlab': '0.1'}
+    """
+    pins: dict[str, str] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if "==" not in line:
+            continue
+        name, version = (part.strip() for part in line.split("==", 1))
+        pins[name.split("[", 1)[0].strip().lower()] = version
+    return pins
+
+
+def _same_release(installed: str, pinned: str) -> bool:
+    """Equal versions, ignoring a local label such as torch's ``+cpu`` / ``+cu124``.
+
+    >>> _same_release("2.5.1+cpu", "2.5.1"), _same_release("2.5.1", "2.5.0")
+    (True, False)
+    """
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(Version(installed).public) == Version(pinned)
+    except InvalidVersion:
+        return installed.split("+", 1)[0] == pinned
+
+
+def check_libraries(report: Report, fast: bool, requirements: Path = REQUIREMENTS_FILE) -> None:
+    """One line per library: missing or failing to import is an error, an unpinned version a warning."""
+    pins = read_pins(requirements) if requirements.is_file() else {}
+    if not pins:
+        report.add(OK, "libraries", f"no pins found ({requirements} missing or empty): versions not compared")
+    for name in LIBRARIES:
+        report.attempt(f"library {name}", functools.partial(_check_library, report, name, pins.get(name), fast))
+
+
+def _check_library(report: Report, name: str, pin: str | None, fast: bool) -> None:
+    if importlib.util.find_spec(name) is None:
+        raise PreflightError(f"not installed (pip install -r {REQUIREMENTS_FILE.name})")
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    if not fast:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # a broken install can raise anything at import (CUDA, ABI, missing deps)
+            raise PreflightError(f"{version} is installed but fails to import: {error}") from error
+    if pin is None:
+        report.add(OK, f"library {name}", f"{version} (not pinned)")
+    elif _same_release(version, pin):
+        report.add(OK, f"library {name}", f"{version} (pinned {pin})")
+    else:
+        report.add(WARNING, f"library {name}", f"{version} installed, but requirements.txt pins {pin}")
+
+
+# --- GPUs and ranks ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What scripts/launch.sh starts on this node, as scripts/topology.sh computes it."""
+
+    gpus: int  # GPUs the launcher uses; 0 means CPU ranks with --use_cpu
+    ranks: int  # processes it starts on this node
+    gpus_from: str  # the setting that decided ``gpus``: NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi or none
+
+    @classmethod
+    def parse(cls, line: str) -> Topology:
+        """Read the script's ``gpus=N ranks=N gpus_from=WHAT`` line.
+
+        >>> Topology.parse("gpus=0 ranks=2 gpus_from=none\\n")
+        Topology(gpus=0, ranks=2, gpus_from='none')
+        """
+        fields = dict(part.split("=", 1) for part in line.split())
+        return cls(gpus=int(fields["gpus"]), ranks=int(fields["ranks"]), gpus_from=fields["gpus_from"])
+
+
+def launch_topology(script: Path = TOPOLOGY_SCRIPT) -> Topology:
+    """Run the launcher's topology rule in this process's environment (a few milliseconds of bash).
+
+    Raises :class:`PreflightError` with the script's own message for a bad ``NUM_GPUS`` or
+    ``NPROC`` (e.g. ``NPROC='two' must be a whole number``).
+    """
+    try:
+        result = subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, timeout=TOPOLOGY_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as error:
+        raise PreflightError(f"{script} did not answer in {TOPOLOGY_TIMEOUT_S} s (is nvidia-smi hanging?)") from error
+    if result.returncode != 0:
+        raise PreflightError(result.stderr.strip() or f"{script} failed with exit {result.returncode}")
+    return Topology.parse(result.stdout)
+
+
+def check_gpus(report: Report, training_args: TrainArguments | None) -> None:
+    """What scripts/launch.sh will start (its own rule, :data:`TOPOLOGY_SCRIPT`) against what torch sees.
+
+    The launcher takes ``NUM_GPUS``, else the devices ``CUDA_VISIBLE_DEVICES`` lists, else every
+    GPU nvidia-smi lists; with none it runs ``NPROC`` CPU ranks (default 1) on gloo with ``--use_cpu``.
+    More GPUs than torch sees is an error: those ranks would fail to start.
+    """
+    visible = torch.cuda.device_count()
+    if not TOPOLOGY_SCRIPT.is_file():
+        report.add(WARNING, "gpus", f"torch sees {visible} GPU(s); ranks not checked: {TOPOLOGY_SCRIPT} is missing")
+        return
+    topology = launch_topology()
+    gpus = topology.gpus
+    if topology.gpus_from == "NUM_GPUS":
+        if gpus > visible:
+            raise PreflightError(f"NUM_GPUS={gpus} but torch sees {visible} GPU(s) on this node")
+        source = f"NUM_GPUS={gpus}"
+    elif topology.gpus_from == "CUDA_VISIBLE_DEVICES":
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if gpus > visible:
+            raise PreflightError(f"CUDA_VISIBLE_DEVICES={listed!r} lists {gpus} GPU(s) but torch sees {visible}")
+        source = f"CUDA_VISIBLE_DEVICES={listed}"
+    elif topology.gpus_from == "nvidia-smi":
+        if gpus > visible:
+            raise PreflightError(f"nvidia-smi lists {gpus} GPU(s) but torch sees {visible}")
+        source = f"torch sees {visible}" if gpus == visible else f"nvidia-smi lists {gpus}"
+    else:  # no nvidia-smi on PATH: the launcher starts CPU ranks whatever torch sees
+        source = "nvidia-smi not found" if visible else f"torch sees {visible}"
+    nodes = " (HOSTFILE set: other nodes are not checked)" if os.environ.get("HOSTFILE") else ""
+    if gpus > 0:
+        names = sorted({torch.cuda.get_device_name(index) for index in range(gpus)})
+        report.add(OK, "gpus", f"{gpus} GPU rank(s) of {visible} visible ({source}; {', '.join(names)}){nodes}")
+        if training_args is not None and training_args.use_cpu:
+            report.add(WARNING, "gpus", "use_cpu is set: training will ignore the GPUs")
+        return
+    report.add(OK, "gpus", f"no GPU ({source}): CPU: {topology.ranks} rank(s) on gloo, --use_cpu{nodes}")
+    if topology.gpus_from == "none" and visible:
+        report.add(WARNING, "gpus", "nvidia-smi is not on PATH, so the launcher will not use the GPUs torch sees")
+    if training_args is not None and training_args.bf16:
+        report.add(WARNING, "gpus", "bf16 is requested on CPU: it works but is ~3x slower than fp32 (--bf16 false)")

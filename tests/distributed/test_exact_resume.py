@@ -1,0 +1,143 @@
+"""Exact resume under fault injection: 2 CPU ranks, ZeRO-2, fp32, gradient accumulation 2.
+
+Each interrupted run is relaunched by the launcher's own restart (or by rerunning the same
+command) and must end bit-identical to an uninterrupted run: per-step losses, every weight
+tensor, and the data-order ledger of every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmtrain.errors import PREEMPTED_EXIT_CODE
+from llmtrain.run.checkpoints import checkpoint_problem
+from llmtrain.run.faults import FIRED_FILE
+from llmtrain.run.ledger import read_ledger
+from llmtrain.tools.verify_resume import compare_runs
+
+from ..conftest import (
+    REPO_ROOT,
+    free_port,
+    launch,
+    qa_conversations,
+    save_random_tiny_model,
+    subprocess_env,
+    wait,
+    wait_for_checkpoint,
+    write_jsonl,
+)
+from .test_preemption import worker_pids
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+
+
+def command(output_dir: Path) -> list[str]:
+    return [
+        "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
+        "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true", "--report_to", "none",
+        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "3", "--max_steps", str(STEPS),
+        "--gradient_accumulation_steps", "2",
+    ]  # fmt: skip
+
+
+def run(output_dir: Path, log_name: str, **env: str) -> str:
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port()), **env}
+    process = launch(command(output_dir), output_dir.parent, log_name, **env)
+    return wait(process, output_dir.parent, log_name, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("exact") / "reference"
+    output = run(output_dir, "reference.log", SKIP_DOCTOR="0")
+    assert "doctor: ok" in output and "doctor: 0 error(s)" in output  # the launcher's preflight ran first
+    return output_dir
+
+
+def assert_identical(reference: Path, resumed: Path) -> None:
+    assert compare_runs(reference, resumed) == []
+    ledger = read_ledger(resumed)
+    assert sorted(ledger) == [0, 1]
+    for steps in ledger.values():
+        assert sorted(steps) == list(range(1, STEPS + 1))
+        assert all(len(batches) == 2 for batches in steps.values())  # both micro-batches of every step
+    batches = [b for steps in ledger.values() for step_batches in steps.values() for b in step_batches]
+    assert len(set(batches)) == len(batches), "a batch was trained on twice"
+
+
+@pytest.mark.parametrize(
+    ("fault", "resumed_step"),
+    [("kill_in_accumulation=5", 3), ("kill_during_save=6", 3)],
+    ids=["inside-gradient-accumulation", "during-checkpoint-save"],
+)
+def test_a_run_killed_mid_step_or_mid_save_finishes_bit_identical(
+    reference: Path, fault: str, resumed_step: int
+) -> None:
+    output_dir = reference.parent / fault.split("=")[0]
+    output = run(output_dir, f"{output_dir.name}.log", LLMTRAIN_FAULT=fault)
+    assert "killing this rank now (SIGKILL)" in output and (output_dir / FIRED_FILE).exists()
+    assert f"restart 1/2 resumes from step {resumed_step}" in output
+    if fault.startswith("kill_during_save"):
+        # checkpoint-6 was left without its marker; resume skipped it and the rerun wrote a complete one
+        assert "checkpoint-6" in output and f"resuming from {output_dir}/checkpoint-3" in output
+    assert_identical(reference, output_dir)
+
+
+def test_sigterm_then_rerunning_the_same_command_is_bit_identical(reference: Path) -> None:
+    output_dir = reference.parent / "sigterm"
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
+    first = launch(command(output_dir), reference.parent, "sigterm-1.log", **env)
+    wait_for_checkpoint(first, output_dir / "checkpoint-3", reference.parent / "sigterm-1.log")
+    for pid in worker_pids(first.pid):
+        os.kill(pid, signal.SIGTERM)
+    assert first.wait(timeout=180) == PREEMPTED_EXIT_CODE
+    run(output_dir, "sigterm-2.log")
+    assert_identical(reference, output_dir)
+
+
+def test_verify_resume_on_a_lora_sft_config(tmp_path: Path) -> None:
+    base = save_random_tiny_model(tmp_path / "base")
+    data = write_jsonl(tmp_path / "chat.jsonl", qa_conversations(48))
+    command = [
+        sys.executable, "-m", "llmtrain.tools.verify_resume", "sft", str(REPO_ROOT / "configs" / "sft_tiny_lora.yaml"),
+        "--steps", "5", "--kill_after", "3", "--save_every", "2", "--workdir", str(tmp_path / "verify"),
+        "--model_name_or_path", str(base), "--train_files", str(data), "--validation_split_percentage", "0",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+    ]  # fmt: skip
+    import subprocess
+
+    env = subprocess_env(tmp_path, NPROC="2", MASTER_PORT=str(free_port()))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "verify_resume: identical" in result.stdout + result.stderr
+    resumed_log = (tmp_path / "verify" / "resumed.log").read_text()
+    assert "restart 1/1 resumes from step 2" in resumed_log
+    summary = json.loads((tmp_path / "verify" / "resumed" / "train_summary.json").read_text())
+    assert summary["global_step"] == 5 and summary["resumed_from"] is not None
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_through_a_universal_checkpoint(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    first = launch(command(output_dir), tmp_path, "two-ranks.log", NPROC="2", MASTER_PORT=str(free_port()),
+                   LLMTRAIN_FAULT="kill_after_step=4", MAX_RESTARTS="0")  # fmt: skip
+    assert first.wait(timeout=300) != 0
+    checkpoint = output_dir / "checkpoint-3"
+    assert checkpoint_problem(checkpoint) is None
+    # A higher save_total_limit keeps checkpoint-3 around to inspect after the run.
+    one_rank = launch([*command(output_dir), "--save_total_limit", "10"], tmp_path, "one-rank.log", NPROC="1",
+                      MASTER_PORT=str(free_port()))  # fmt: skip
+    output = wait(one_rank, tmp_path, "one-rank.log")
+    assert "written by 2 rank(s), this run has 1: converting it to a universal checkpoint" in output
+    assert (checkpoint / "latest_universal").read_text() == "global_step3_universal"
+    assert checkpoint_problem(checkpoint, verify_checksums=True) is None, "the original shards must stay intact"
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == STEPS and summary["world_size"] == 1
+    assert summary["resumed_from"] == str(checkpoint)

@@ -1,0 +1,109 @@
+"""Real SFT launches through finetune.sh: 2 CPU ranks, DeepSpeed ZeRO-2, LoRA and full, SIGKILL + resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from ..conftest import (
+    REPO_ROOT,
+    free_port,
+    kill_every_rank,
+    launch,
+    qa_conversations,
+    read_summary,
+    save_random_tiny_model,
+    train_log,
+    wait,
+    wait_for_checkpoint,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sft_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp_path = tmp_path_factory.mktemp("sft-inputs")
+    base = save_random_tiny_model(tmp_path / "base")
+    data = write_jsonl(tmp_path / "belle.jsonl", qa_conversations(240))
+    return base, data
+
+
+def finetune_command(base: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "bash", str(REPO_ROOT / "finetune.sh"),
+        "--model_name_or_path", str(base), "--train_files", str(data), "--output_dir", str(output_dir),
+        "--dataset_cache_dir", str(output_dir.parent / "cache"), "--max_seq_length", "128",
+        "--per_device_train_batch_size", "2", "--disable_tqdm", "true", "--logging_steps", "2",
+        "--eval_steps", "6", "--save_steps", "6", "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+def run_two_ranks(command: list[str], tmp_path: Path) -> str:
+    process = launch(command, tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()))
+    return wait(process, tmp_path, "run.log")
+
+
+def test_lora_sft_on_two_ranks_changes_only_the_adapter(sft_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = sft_inputs
+    output_dir = tmp_path / "lora"
+    run_two_ranks(finetune_command(base, data, output_dir, "--max_steps", "12", "--finetuning_type", "lora"), tmp_path)
+    summary = read_summary(output_dir)
+    assert (summary["engine"], summary["zero_stage"], summary["world_size"]) == ("DeepSpeedEngine", 2, 2)
+    assert (output_dir / "adapter_config.json").is_file() and (output_dir / "adapter_model.safetensors").is_file()
+    assert not (output_dir / "model.safetensors").exists()
+    assert (output_dir / "chat_template.jinja").is_file() or "chat_template" in (
+        output_dir / "tokenizer_config.json"
+    ).read_text()
+
+    adapter = load_file(output_dir / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+    assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b), "LoRA B starts at zero and must have moved"
+    base_weights = load_file(base / "model.safetensors")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output_dir)
+    for name, parameter in tuned.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        assert torch.equal(parameter, base_weights[key]), f"base weight {key} changed under LoRA"
+    losses = [entry["loss"] for entry in train_log(output_dir) if "loss" in entry]
+    assert losses[-1] < losses[0]
+
+
+def test_full_sft_on_two_ranks_updates_the_weights(sft_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = sft_inputs
+    output_dir = tmp_path / "full"
+    run_two_ranks(finetune_command(base, data, output_dir, "--max_steps", "6", "--finetuning_type", "full"), tmp_path)
+    summary = read_summary(output_dir)
+    assert (summary["engine"], summary["zero_stage"], summary["world_size"]) == ("DeepSpeedEngine", 2, 2)
+    tuned = load_file(output_dir / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    assert original.keys() <= tuned.keys()  # DeepSpeed's gathered state dict also spells out the tied lm_head
+    assert any(not torch.equal(tuned[key], original[key]) for key in original)
+    assert not (output_dir / "adapter_config.json").exists()
+
+
+def test_sft_sigkill_after_a_checkpoint_then_the_same_command_resumes(
+    sft_inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, data = sft_inputs
+    output_dir = tmp_path / "resume"
+    command = finetune_command(base, data, output_dir, "--max_steps", "30")
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
+    first = launch(command, tmp_path, "first.log", **env)
+    wait_for_checkpoint(first, output_dir / "checkpoint-6", tmp_path / "first.log")
+    kill_every_rank(first)
+    assert not (output_dir / "train_summary.json").exists(), "the run finished before it could be killed"
+
+    env["MASTER_PORT"] = str(free_port())
+    output = wait(launch(command, tmp_path, "second.log", **env), tmp_path, "second.log")
+    summary = read_summary(output_dir)
+    assert summary["global_step"] == 30 and summary["resumed_from"] is not None
+    assert "resuming from" in output
+    assert [e["step"] for e in train_log(output_dir) if "loss" in e] == list(range(2, 31, 2))

@@ -1,0 +1,107 @@
+"""Preemption and restarts through pretrain.sh: SIGTERM saves and stops; a crashed rank is restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llmtrain.errors import PREEMPTED_EXIT_CODE
+
+from ..conftest import REPO_ROOT, free_port, launch, read_summary, train_log, wait, wait_for_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def command(output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
+        "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true", "--report_to", "none",
+        "--logging_steps", "2", "--eval_strategy", "no", "--save_steps", "10", "--max_steps", "60", *extra,
+    ]  # fmt: skip
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    children = psutil.Process(launcher_pid).children(recursive=True)
+    return [
+        c.pid for c in children if any(part.endswith("pretrain.py") for part in c.cmdline()) and "-m" not in c.cmdline()
+    ]
+
+
+def complete_steps(output_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in output_dir.glob("checkpoint-*/llmtrain_complete.json"))
+
+
+def test_sigterm_saves_a_complete_checkpoint_stops_with_exit_75_and_resumes(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
+    first = launch(command(output_dir), tmp_path, "first.log", **env)
+    wait_for_checkpoint(first, output_dir / "checkpoint-10", tmp_path / "first.log")
+    workers = worker_pids(first.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:  # as a cluster scheduler does: every rank gets SIGTERM
+        os.kill(pid, signal.SIGTERM)
+    assert first.wait(timeout=180) == PREEMPTED_EXIT_CODE, (tmp_path / "first.log").read_text()[-3000:]
+    log = (tmp_path / "first.log").read_text()
+    assert "SIGTERM received" in log and "rerun the same command to resume" in log
+    preempted_step = complete_steps(output_dir)[-1]
+    assert 10 < preempted_step < 60, "the signal must produce a checkpoint of its own"
+    assert not (output_dir / "train_summary.json").exists() and not (output_dir / "model.safetensors").exists()
+
+    env["MASTER_PORT"] = str(free_port())
+    output = wait(launch(command(output_dir), tmp_path, "second.log", **env), tmp_path, "second.log")
+    assert f"checkpoint-{preempted_step} (step {preempted_step})" in output
+    assert read_summary(output_dir)["global_step"] == 60
+    assert [e["step"] for e in train_log(output_dir) if "loss" in e] == list(range(2, 61, 2))
+
+
+def test_a_killed_rank_is_restarted_by_the_launcher_which_finishes_the_run(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    run = launch(command(output_dir), tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1")
+    wait_for_checkpoint(run, output_dir / "checkpoint-10", tmp_path / "run.log")
+    os.kill(worker_pids(run.pid)[-1], signal.SIGKILL)  # one rank dies; the launcher is untouched
+    output = wait(run, tmp_path, "run.log", timeout=600)
+    assert "restart 1/1 resumes from step" in output
+    summary = read_summary(output_dir)
+    assert summary["global_step"] == 60 and summary["resumed_from"] is not None
+    assert json.loads((output_dir / "run_manifest.json").read_text())["global_step"] == 60
+
+
+def test_a_crash_without_progress_is_not_retried(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    run = launch(command(output_dir, "--save_steps", "1000"), tmp_path, "run.log", NPROC="2",
+                 MASTER_PORT=str(free_port()), MAX_RESTARTS="3")  # fmt: skip
+    log = tmp_path / "run.log"
+    deadline = time.monotonic() + 300
+    while "'loss'" not in log.read_text(errors="replace"):  # training is under way
+        assert run.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.kill(worker_pids(run.pid)[-1], signal.SIGKILL)
+    assert run.wait(timeout=300) != 0
+    assert "no new complete checkpoint since this attempt began" in log.read_text()
+    assert "restart 1/" not in log.read_text()
+
+
+def test_two_nodes_under_torchrun_report_the_preemption_exit_code(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    port = str(free_port())
+    nodes = [
+        launch(command(output_dir), tmp_path, f"node{rank}.log", NNODES="2", NODE_RANK=str(rank), NPROC="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for rank in range(2)
+    ]  # fmt: skip
+    wait_for_checkpoint(nodes[0], output_dir / "checkpoint-10", tmp_path / "node0.log")
+    for node in nodes:
+        for pid in worker_pids(node.pid):
+            os.kill(pid, signal.SIGTERM)
+    # torchrun itself exits 1 on any worker failure; the launcher reads its workers' codes.
+    for rank, node in enumerate(nodes):
+        log = tmp_path / f"node{rank}.log"
+        assert node.wait(timeout=180) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
+        assert "exitcode  : 75" in log.read_text()

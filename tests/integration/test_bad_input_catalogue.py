@@ -1,0 +1,202 @@
+"""The bad-input catalogue: each case through the real entry point, as a user would run it.
+
+Every case must end with exactly one ERROR line that names the file:line or the field, exit
+code 2, no traceback, and nothing written: an output dir that did not exist still does not, one
+that did (another run's model, an earlier checkpoint) is byte-for-byte unchanged, and no
+half-built dataset is left in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llmtrain.errors import USER_ERROR_EXIT_CODE
+
+from ..conftest import prose_records, qa_conversations, run_entry, save_random_tiny_model, write_jsonl
+
+GOOD_CHAT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+
+
+@dataclass
+class Case:
+    entry: str  # pretrain.py or finetune.py
+    args: list[str]
+    error: str  # regex the single ERROR line must match
+    output_dir: Path
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_random_tiny_model(tmp_path_factory.mktemp("base") / "model")
+
+
+@pytest.fixture(scope="module")
+def interrupted_lora_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> tuple[Path, list[str]]:
+    """A LoRA SFT run (r=8) killed after step 3, leaving a complete checkpoint-2 and no final model."""
+    root = tmp_path_factory.mktemp("lora-run")
+    data = write_jsonl(root / "chat.jsonl", qa_conversations(40))
+    args = [*sft_args(root, base_model, data, root / "out"), "--lora_r", "8", "--max_steps", "6", "--save_steps", "2"]
+    result = run_entry(args, root, entry="finetune.py", LLMTRAIN_FAULT="kill_after_step=3")
+    assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (root / "out" / "checkpoint-2" / "llmtrain_complete.json").is_file()
+    return root / "out", args
+
+
+def pretrain_args(tmp: Path, corpus: Path, output_dir: Path) -> list[str]:
+    return [
+        "--train_files", str(corpus), "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "true",
+        "--dataset_cache_dir", str(tmp / "cache"), "--max_steps", "2",
+    ]  # fmt: skip
+
+
+def sft_args(tmp: Path, base_model: Path, data: Path, output_dir: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(base_model), "--train_files", str(data), "--output_dir", str(output_dir),
+        "--report_to", "none", "--use_cpu", "true", "--dataset_cache_dir", str(tmp / "cache"),
+        "--validation_split_percentage", "0", "--eval_strategy", "no", "--max_steps", "2",
+    ]  # fmt: skip
+
+
+def pretrain_case(content: str | bytes, extra: list[str], error: str) -> Callable[[Path, Path], Case]:
+    def make(tmp: Path, base_model: Path) -> Case:
+        corpus = tmp / "corpus.jsonl"
+        if isinstance(content, bytes):
+            corpus.write_bytes(content)
+        else:
+            corpus.write_text(content)
+        return Case("pretrain.py", [*pretrain_args(tmp, corpus, tmp / "out"), *extra], error, tmp / "out")
+
+    return make
+
+
+def sft_case(records: list[object], extra: list[str], error: str) -> Callable[[Path, Path], Case]:
+    def make(tmp: Path, base_model: Path) -> Case:
+        data = write_jsonl(tmp / "data.jsonl", records)
+        return Case("finetune.py", [*sft_args(tmp, base_model, data, tmp / "out"), *extra], error, tmp / "out")
+
+    return make
+
+
+def tokenizer_without_chat_template(tmp: Path, base_model: Path) -> Case:
+    model = tmp / "no-template"
+    shutil.copytree(base_model, model)
+    (model / "chat_template.jinja").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp / "data.jsonl", qa_conversations(8))
+    return Case("finetune.py", sft_args(tmp, model, data, tmp / "out"), r"chat template", tmp / "out")
+
+
+def unknown_yaml_key(tmp: Path, base_model: Path) -> Case:
+    config = tmp / "run.yaml"
+    config.write_text("learning_rate: 1.0e-3\nblock_sise: 128\n")
+    corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(5))
+    return Case("pretrain.py", [str(config), *pretrain_args(tmp, corpus, tmp / "out")], r"run\.yaml:2.*block_sise",
+                tmp / "out")  # fmt: skip
+
+
+def missing_config_file(tmp: Path, base_model: Path) -> Case:
+    return Case("pretrain.py", [str(tmp / "no-such.yaml")], r"no-such\.yaml does not exist", tmp / "outputs")
+
+
+def output_dir_of_another_run(tmp: Path, base_model: Path) -> Case:
+    output_dir = tmp / "out"
+    output_dir.mkdir()
+    (output_dir / "run_config.yaml").write_text("learning_rate: 0.5\n")
+    (output_dir / "model.safetensors").write_bytes(b"weights of another run")
+    corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(5))
+    return Case("pretrain.py", pretrain_args(tmp, corpus, output_dir), r"holds a finished model of another run",
+                output_dir)  # fmt: skip
+
+
+def unwritable_output_dir(tmp: Path, base_model: Path) -> Case:
+    # A path under a regular file: unwritable for root too (chmod does not stop root).
+    blocker = tmp / "a-file"
+    blocker.write_text("not a directory")
+    corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(200))
+    return Case("pretrain.py", pretrain_args(tmp, corpus, blocker / "out"), r"output_dir .*a-file/out is not writable",
+                blocker / "out")  # fmt: skip
+
+
+CASES: dict[str, Callable[[Path, Path], Case]] = {
+    "malformed-json-line": pretrain_case('{"text": "fine"}\n{"text": oops}\n', [], r"corpus\.jsonl:2: invalid JSON"),
+    "non-utf8-bytes": pretrain_case(b'{"text": "fine"}\n{"text": "caf\xe9"}\n', [], r"corpus\.jsonl:2: .*UTF-8"),
+    "empty-file": pretrain_case("", [], r"corpus\.jsonl: the file is empty"),
+    "missing-field": pretrain_case('{"text": "a"}\n{"content": "b"}\n', [], r"corpus\.jsonl:2: missing field 'text'"),
+    "wrong-value-type-in-data": pretrain_case('{"text": "a"}\n{"text": 5}\n', [], r"corpus\.jsonl:2: .*text"),
+    "wrong-value-type-in-field": pretrain_case('{"text": "a"}\n', ["--max_steps", "many"], r"max_steps"),
+    "block-size-above-positions": pretrain_case(
+        '{"text": "a"}\n', ["--block_size", "4096"], r"block_size=4096 exceeds the model's max_position_embeddings"
+    ),
+    "unknown-role": sft_case(
+        [GOOD_CHAT, {"conversations": [{"from": "bot", "value": "a"}]}], [], r"data\.jsonl:2: unknown role 'bot'"
+    ),
+    "no-assistant-turn": sft_case(
+        [GOOD_CHAT, {"conversations": [{"from": "human", "value": "anyone?"}]}], [], r"data\.jsonl:2: .*assistant"
+    ),
+    "over-length-with-truncation-error": sft_case(
+        qa_conversations(4), ["--max_seq_length", "16", "--truncation_strategy", "error"],
+        r"data\.jsonl:1: \d+ tokens exceed max_seq_length=16 \(truncation_strategy: error\)",
+    ),
+    "unknown-end-of-turn-token": sft_case(
+        qa_conversations(8), ["--end_of_turn_token", "<|end_of_answer|>"], r"end_of_turn_token"
+    ),
+    "lora-target-mismatch": sft_case(
+        qa_conversations(40), ["--lora_target_modules", "q_proj,attn_qkv"],
+        r"lora_target_modules: attn_qkv match\(es\) nothing in the model",
+    ),
+    "tokenizer-without-chat-template": tokenizer_without_chat_template,
+    "unknown-yaml-key": unknown_yaml_key,
+    "missing-config-file": missing_config_file,
+    "output-dir-of-another-run": output_dir_of_another_run,
+    "unwritable-output-dir": unwritable_output_dir,
+}  # fmt: skip
+
+
+def snapshot(directory: Path) -> dict[str, str] | None:
+    """Every file under ``directory`` with its SHA-256, or None when it does not exist."""
+    if not directory.exists():
+        return None
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def assert_fails_cleanly(case: Case, tmp: Path) -> str:
+    before = snapshot(case.output_dir)
+    result = run_entry(case.args, tmp, entry=case.entry)
+    output = result.stdout + result.stderr
+    assert result.returncode == USER_ERROR_EXIT_CODE, output[-4000:]
+    errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stdout[-4000:]
+    assert re.search(case.error, errors[0]), errors[0]
+    assert "Traceback" not in output
+    assert snapshot(case.output_dir) == before, "the output dir was written to"
+    assert not list((tmp / "cache").glob(".*partial*")), "a half-built dataset was left in the cache"
+    return errors[0]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_fails_with_one_clear_error_and_writes_nothing(name: str, base_model: Path, tmp_path: Path) -> None:
+    assert_fails_cleanly(CASES[name](tmp_path, base_model), tmp_path)
+
+
+def test_resuming_a_lora_run_with_changed_lora_settings_is_refused(
+    interrupted_lora_run: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    output_dir, args = interrupted_lora_run
+    changed = [*args, "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"]
+    error = assert_fails_cleanly(Case("finetune.py", changed, r"checkpoint-2 was trained with other", output_dir),
+                                 output_dir.parent)  # fmt: skip
+    assert "lora_r: 8 -> 4" in error and "lora_target_modules" in error

@@ -1,0 +1,321 @@
+"""Reading SFT conversation files: three formats normalised to chat messages, one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmtrain.data.conversations import (
+    FORMATS,
+    detect_format,
+    normalise_record,
+    read_conversation_files,
+    read_conversations,
+)
+from llmtrain.demo_conversations import LOCATION_ANSWER, MAX_ANSWER_CHARS, SYSTEM_PROMPT, build_demo_conversations
+from llmtrain.errors import ConfigError, DataError
+from llmtrain.paths import DEMO_CONVERSATIONS_PATH
+
+from ..conftest import write_jsonl
+
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be kind."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello"},
+        {"from": "user", "value": "Bye"},
+        {"from": "assistant", "value": "Goodbye"},
+    ]
+}
+OPENAI = {
+    "messages": [
+        {"role": "user", "content": "2+2?", "name": "ann"},
+        {"role": "assistant", "content": "4", "weight": 1},
+    ]
+}
+
+
+def messages(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def write_lines(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_sharegpt_speakers_become_chat_template_roles() -> None:
+    assert detect_format(SHAREGPT, "x") == "sharegpt"
+    assert normalise_record(SHAREGPT, "sharegpt", "x") == messages(
+        ("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Goodbye")
+    )
+
+
+def test_openai_messages_keep_role_and_content_only() -> None:
+    assert detect_format(OPENAI, "x") == "openai"
+    assert normalise_record(OPENAI, "openai", "x") == messages(("user", "2+2?"), ("assistant", "4"))
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"instruction": "Name a colour.", "input": "", "output": "Red."}, [("user", "Name a colour.")]),
+        ({"instruction": "Name a colour.", "output": "Red."}, [("user", "Name a colour.")]),
+        ({"instruction": "Translate:", "input": "chat", "output": "Red."}, [("user", "Translate:\n\nchat")]),
+        (
+            {"instruction": "Name a colour.", "input": "", "output": "Red.", "system": "Be brief."},
+            [("system", "Be brief."), ("user", "Name a colour.")],
+        ),
+        ({"instruction": "Name a colour.", "output": "Red.", "system": ""}, [("user", "Name a colour.")]),
+    ],
+)
+def test_alpaca_becomes_user_then_assistant(record: dict[str, str], expected: list[tuple[str, str]]) -> None:
+    assert detect_format(record, "x") == "alpaca"
+    assert normalise_record(record, "alpaca", "x") == messages(*expected, ("assistant", "Red."))
+
+
+def test_default_system_prompt_is_added_only_where_there_is_none(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [SHAREGPT, {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}],
+    )
+    with_own, without = (row["messages"] for row in read_conversations(path, default_system_prompt="Default."))
+    assert with_own == normalise_record(SHAREGPT, "sharegpt", "x")
+    assert without == messages(("system", "Default."), ("user", "Hi"), ("assistant", "Hello"))
+    assert read_conversations(path)[1]["messages"] == messages(("user", "Hi"), ("assistant", "Hello"))
+
+
+def test_blank_default_system_prompt_is_a_config_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "a.jsonl", [OPENAI])
+    with pytest.raises(ConfigError, match="default_system_prompt"):
+        read_conversations(path, default_system_prompt="  ")
+
+
+def test_each_file_has_its_own_format_and_files_keep_their_order(tmp_path: Path) -> None:
+    openai = write_jsonl(tmp_path / "b.jsonl", [OPENAI])
+    sharegpt = write_lines(tmp_path / "a.jsonl", "", json.dumps(SHAREGPT), "   ", json.dumps(SHAREGPT))
+    alpaca = tmp_path / "c.json"
+    alpaca.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}], indent=2), encoding="utf-8")
+    dataset = read_conversation_files([openai, sharegpt, alpaca])
+    assert dataset.column_names == ["messages", "source"]
+    assert dataset["source"] == [f"{openai}:1", f"{sharegpt}:2", f"{sharegpt}:4", f"{alpaca}: record 1"]
+    assert dataset[0]["messages"] == messages(("user", "2+2?"), ("assistant", "4"))
+    assert dataset[1]["messages"][1] == {"role": "user", "content": "Hi"}
+    assert dataset[3]["messages"] == messages(("user", "Hi"), ("assistant", "Hello"))
+
+
+def test_json_file_holding_json_lines_is_read_as_lines(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "belle.json", json.dumps(SHAREGPT), json.dumps(SHAREGPT))
+    assert [row["source"] for row in read_conversations(path)] == [f"{path}:1", f"{path}:2"]
+
+
+def test_cjk_and_line_separators_round_trip_exactly(tmp_path: Path) -> None:
+    question, answer = "你好，请介绍一下你自己。", "我是一个语言模型\u2028（第二行）🙂\n最后一行"
+    record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    path = tmp_path / "zh.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    expected = messages(("user", question), ("assistant", answer))
+    assert read_conversations(path)[0]["messages"] == expected
+    assert read_conversation_files([path])[0]["messages"] == expected
+
+
+def test_a_conversation_without_an_assistant_turn_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "a.jsonl", [good, {"messages": [{"role": "user", "content": "anyone?"}]}])
+    with pytest.raises(DataError, match=r"a\.jsonl:2: no assistant turn"):
+        read_conversations(path)
+
+
+def turns(*items: object) -> str:
+    return json.dumps({"conversations": list(items)})
+
+
+HI = {"from": "human", "value": "Hi"}
+HELLO = {"from": "gpt", "value": "Hello"}
+
+# (second line of a .jsonl whose first line is a good ShareGPT record, expected message after "file:2: ")
+BAD_LINES = [
+    ('{"conversations": [', "invalid JSON"),
+    ('["not", "an", "object"]', "expected a JSON object, got an array"),
+    ('"just text"', "expected a JSON object, got a string"),
+    (
+        '{"prompt": "Hi", "answer": "Hello"}',
+        "record is in no known conversation format (keys found: 'prompt', 'answer')",
+    ),
+    (json.dumps(OPENAI), "record is in openai format, but this file is sharegpt"),
+    ('{"conversations": {"from": "human"}}', "'conversations' must be a list of turns, got an object"),
+    ('{"conversations": []}', "'conversations' is an empty list"),
+    (turns(HI, "Hello"), "turn 2 must be a JSON object, got a string"),
+    (turns(HI, {"from": "bot", "value": "Hello"}), "unknown role 'bot' in turn 2 (expected one of human, user, gpt"),
+    (turns({"value": "Hi"}), "turn 1 has no 'from' (keys found: 'value')"),
+    (turns(HI, {"from": "gpt"}), "turn 2 (gpt) has no content: 'value' is missing"),
+    (turns(HI, {"from": "gpt", "value": None}), "turn 2 (gpt) has no content: 'value' is null"),
+    (turns(HI, {"from": "gpt", "value": 42}), "turn 2 (gpt) has no content: 'value' is a number, not a string"),
+    (turns(HI, {"from": "gpt", "value": ""}), "turn 2 (gpt) has no content: 'value' is blank"),
+    (turns(HI, {"from": "gpt", "value": " \n\t"}), "turn 2 (gpt) has no content: 'value' is blank"),
+    (turns(HI, {"from": "system", "value": "Late."}, HELLO), "system message in turn 2"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES)
+def test_bad_sharegpt_record_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = write_lines(tmp_path / "data.jsonl", turns(HI, HELLO), line, turns(HI, HELLO))
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: {message}")):
+        read_conversations(path)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": "Hi"}, "'messages' must be a list of turns, got a string"),
+        ({"messages": [{"role": "bot", "content": "Hi"}]}, "unknown role 'bot' in turn 1"),
+        ({"messages": [{"role": "human", "content": "Hi"}]}, "unknown role 'human' in turn 1"),
+        ({"messages": [{"role": ["user"], "content": "Hi"}]}, 'unknown role ["user"] in turn 1'),
+        (
+            {"messages": [{"role": "user", "content": ["Hi"]}]},
+            "turn 1 (user) has no content: 'content' is an array, not a string",
+        ),
+        ({"instruction": "Hi"}, "alpaca record has no content: 'output' is missing"),
+        ({"instruction": "", "output": "Hello"}, "alpaca record has no content: 'instruction' is blank"),
+        ({"instruction": "Hi", "input": 3, "output": "Hello"}, "'input' must be a string, got a number"),
+        ({"instruction": "Hi", "output": "Hello", "system": ["x"]}, "'system' must be a string, got an array"),
+        ({"messages": [], "instruction": "Hi"}, "record mixes the keys of formats openai, alpaca"),
+    ],
+)
+def test_bad_openai_and_alpaca_records_name_file_and_line(tmp_path: Path, record: object, message: str) -> None:
+    path = write_lines(tmp_path / "data.jsonl", "", json.dumps(record))
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: {message}")):
+        read_conversations(path)
+
+
+def test_a_file_in_no_known_format_lists_the_formats(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [{"text": "plain pretraining text"}])
+    with pytest.raises(DataError) as raised:
+        read_conversations(path)
+    assert str(raised.value).startswith(f"{path}:1: record is in no known conversation format (keys found: 'text')")
+    for fmt, key in zip(FORMATS, ("conversations", "messages", "instruction"), strict=True):
+        assert f"{fmt} {{" in str(raised.value) and key in str(raised.value)
+
+
+def test_invalid_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([turns(HI, HELLO).encode(), turns(HI, HELLO).encode(), b'{"x": "\xff"}']) + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8")):
+        read_conversations(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", ": the file is empty"),
+        ("blank.jsonl", "\n  \n", ": the file is empty"),
+        ("empty.json", "[]", ": the file holds no records"),
+        ("notes.txt", "Hi", ": unsupported conversation file type; use .jsonl or .json"),
+        ("broken.json", '[\n  {"conversations": []},\n  {oops}\n]', ":3: invalid JSON"),
+        ("bad.json", json.dumps([json.loads(turns(HI, HELLO)), 7]), ": record 2: expected a JSON object, got a number"),
+        (
+            "mixed.json",
+            json.dumps([OPENAI, SHAREGPT]),
+            ": record 2: record is in sharegpt format, but this file is openai",
+        ),
+    ],
+)
+def test_bad_files_name_the_file(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}{message}")):
+        read_conversations(path)
+
+
+def test_a_missing_file_or_no_files_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'gone.jsonl'}: cannot be read")):
+        read_conversations(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match="no conversation files given"):
+        read_conversation_files([])
+
+
+def test_normalise_record_checks_the_expected_format() -> None:
+    with pytest.raises(DataError, match=re.escape("f.jsonl:9: record is in openai format, but this file is alpaca")):
+        normalise_record(OPENAI, "alpaca", "f.jsonl:9")
+    with pytest.raises(ValueError, match="unknown conversation format 'belle'"):
+        normalise_record(OPENAI, "belle", "f.jsonl:9")
+
+
+def test_committed_demo_set_loads_and_has_the_promised_shape() -> None:
+    assert DEMO_CONVERSATIONS_PATH.stat().st_size < 1_500_000
+    rows = read_conversations(DEMO_CONVERSATIONS_PATH)
+    conversations = [row["messages"] for row in rows]
+    assert len(conversations) > 1000
+    assert all(isinstance(c, list) and any(m["role"] == "assistant" for m in c) for c in conversations)
+    roles = {m["role"] for c in conversations for m in c}
+    assert roles == {"system", "user", "assistant"}
+    user_turns = [sum(m["role"] == "user" for m in c) for c in conversations]
+    assert 0.1 < sum(n > 1 for n in user_turns) / len(conversations) < 0.9
+    with_system = [c for c in conversations if c[0]["role"] == "system"]
+    assert 0.1 < len(with_system) / len(conversations) < 0.9
+    assert all(c[0]["content"] == SYSTEM_PROMPT for c in with_system)
+    answers = [m["content"] for c in conversations for m in c if m["role"] == "assistant"]
+    assert max(len(answer) for answer in answers) <= MAX_ANSWER_CHARS
+    assert any(answer.endswith(" module.") and " is defined in the `" in answer for answer in answers)
+
+
+def fake_stdlib(root: Path) -> Path:
+    files = {
+        "pkg/__init__.py": '"""Tools for parsing small languages into trees of nodes."""\n',
+        "pkg/parse.py": (
+            '"""Parse token streams into syntax trees for the tiny languages."""\n'
+            "class Parser:\n"
+            '    """Build a syntax tree from a stream of tokens, one rule at a time."""\n'
+            "    def parse(self, text):\n"
+            '        """Return the syntax tree of the whole text, or raise an error."""\n'
+            "def tokenize(text):\n"
+            '    """Split the text into tokens of the parsing language."""\n'
+            "def walk(tree):\n"
+            '    """Yield every node of the tree in depth-first order, parents first.\n\n    More detail."""\n'
+            "    def visit(node):\n"
+            '        """Visit one node of the tree and all of its children below it."""\n'
+        ),
+        "other.py": '"""Other helpers used for many little things."""\n'
+        'def tokenize(text):\n    """Cut the text into words separated by any whitespace."""\n',
+        "_private.py": 'def secret():\n    """A private helper that no demo question should be about."""\n',
+    }
+    for name, source in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(source, encoding="utf-8")
+    return root
+
+
+def test_demo_builder_asks_about_public_definitions_deterministically(tmp_path: Path) -> None:
+    stdlib_dir = fake_stdlib(tmp_path / "stdlib")
+    first, second = tmp_path / "a" / "sft.jsonl", tmp_path / "b" / "sft.jsonl"
+    count = build_demo_conversations(first, stdlib_dir=stdlib_dir)
+    build_demo_conversations(second, stdlib_dir=stdlib_dir)
+    assert first.read_bytes() == second.read_bytes()
+    conversations = [row["messages"] for row in read_conversations(first)]
+    assert len(conversations) == count > 0
+    pairs = {
+        (c[i]["content"], c[i + 1]["content"])
+        for c in conversations
+        for i in range(len(c) - 1)
+        if c[i]["role"] == "user" and c[i + 1]["role"] == "assistant"
+    }
+    answers = {answer for _, answer in pairs}
+    assert answers == {
+        "Tools for parsing small languages into trees of nodes.",
+        "Parse token streams into syntax trees for the tiny languages.",
+        "Build a syntax tree from a stream of tokens, one rule at a time.",
+        "Return the syntax tree of the whole text, or raise an error.",
+        "Split the text into tokens of the parsing language.",
+        "Yield every node of the tree in depth-first order, parents first.",
+        "Other helpers used for many little things.",
+        "Cut the text into words separated by any whitespace.",
+        LOCATION_ANSWER.format(name="Parser", module="pkg.parse"),
+        LOCATION_ANSWER.format(name="walk", module="pkg.parse"),
+    }
+    questions = {question: answer for question, answer in pairs}
+    assert questions["Which module defines `walk`?"] == "`walk` is defined in the `pkg.parse` module."
+    assert any("`pkg.parse.Parser.parse`" in question for question in questions)
+    assert build_demo_conversations(first, limit=2, stdlib_dir=stdlib_dir) == 2
