@@ -17,7 +17,7 @@ from llmtrain.data.sft import PaddingCollator, check_collated_batch, collate_pac
 from llmtrain.finetuning import apply_finetuning_method
 from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer_for
 from llmtrain.run.output_dir import inspect_output_dir
-from llmtrain.run.process import disable_unused_cpu_ops, set_rank_log_level
+from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
 from llmtrain.run.train import train_in_output_dir
 from llmtrain.stages import SFT
 
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
     disable_unused_cpu_ops()
     model_args, data_args, method_args, training_args = parse_args(SFT.dataclass_types(), argv, SFT.default_config)
     set_rank_log_level(training_args)
+    init_deepspeed_comm(training_args)  # before the model: ZeRO-3 builds it partitioned across the ranks
     tokenizer = load_tokenizer_for(model_args)
     model_config = load_model_config(model_args)
     check_sequence_length(SFT.sequence_length(data_args), model_config, SFT.length_field)

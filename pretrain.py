@@ -15,7 +15,7 @@ from llmtrain.config.parser import parse_args, resolved_config
 from llmtrain.data.pretrain import collate_blocks, prepare_pretrain_data
 from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer_for
 from llmtrain.run.output_dir import inspect_output_dir
-from llmtrain.run.process import disable_unused_cpu_ops, set_rank_log_level
+from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
 from llmtrain.run.train import train_in_output_dir
 from llmtrain.stages import PRETRAIN
 
@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
     disable_unused_cpu_ops()
     model_args, data_args, training_args = parse_args(PRETRAIN.dataclass_types(), argv, PRETRAIN.default_config)
     set_rank_log_level(training_args)
+    init_deepspeed_comm(training_args)  # before the model: ZeRO-3 builds it partitioned across the ranks
     tokenizer = load_tokenizer_for(model_args)
     model_config = load_model_config(model_args)
     check_sequence_length(PRETRAIN.sequence_length(data_args), model_config, PRETRAIN.length_field)

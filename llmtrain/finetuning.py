@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from llmtrain.config.arguments import FinetuneArguments
 from llmtrain.errors import ConfigError
+from llmtrain.modeling import parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ def apply_finetuning_method(
         model = get_peft_model(model, config)  # type: ignore[assignment]
     elif args.finetuning_type == "partial":
         _freeze_all_but_last_layers(model, args)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     logger.info(
         "fine-tuning %s: %d of %d parameters trainable (%.2f%%)",
         args.finetuning_type,

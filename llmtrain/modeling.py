@@ -93,6 +93,15 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Elements of ``parameter``, also when DeepSpeed ZeRO-3 has partitioned it (``numel()`` is then 0).
+
+    >>> parameter_count(torch.nn.Parameter(torch.zeros(2, 3)))
+    6
+    """
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
 def build_model(
     model_args: ModelArguments, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42
 ) -> PreTrainedModel:
@@ -138,7 +147,7 @@ def build_model(
             logger.warning("resizing token embeddings to the tokenizer's %d tokens", len(tokenizer))
             model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(parameter_count(p) for p in model.parameters())
     logger.info(
         "model: %s, %.2fM parameters, dtype %s, attention %s, %s",
         type(model).__name__,

@@ -11,6 +11,12 @@
 # Other knobs: PYTHON (default: the project's .venv), DS_CONFIG (default ds_config_zero2.json),
 #   MAX_RESTARTS (default 2): a crashed run is restarted, resuming, while it keeps making progress.
 #   SKIP_DOCTOR=1 skips the preflight (python -m llmtrain.tools.doctor STAGE --fast) run before training.
+#   PREEMPT_GRACE_S (default 600): after SIGTERM/SIGINT/SIGHUP, how long the ranks get to save and stop.
+#   DRY_RUN=1 prints the topology and the command (and, under HOSTFILE, the names of the variables sent
+#   to the remote ranks) and exits, starting nothing.
+# Interruption: a SIGTERM, SIGINT or SIGHUP to this script or to its whole process group (scancel, timeout,
+# a k8s eviction, Ctrl-C) makes every rank finish its step, save a complete checkpoint and stop; the
+# launcher then exits 75 and the same command resumes. A second Ctrl-C kills the ranks at once.
 # The command line and the full log are written to <output_dir>/logs/.
 set -euo pipefail
 
@@ -22,21 +28,40 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 DS_CONFIG="${DS_CONFIG:-$ROOT/ds_config_zero2.json}"
+# A relative DS_CONFIG is looked up in the current directory, then in the checkout (where the shipped configs
+# are), and passed on as an absolute path (the ranks and the preflight then find it whatever their cwd).
+if [[ "$DS_CONFIG" != /* ]]; then
+  if [[ -f "$DS_CONFIG" ]]; then
+    DS_CONFIG="$(cd "$(dirname "$DS_CONFIG")" && pwd)/$(basename "$DS_CONFIG")"
+  elif [[ -f "$ROOT/$DS_CONFIG" ]]; then
+    DS_CONFIG="$ROOT/$DS_CONFIG"
+  else
+    echo "launch: DS_CONFIG=$DS_CONFIG: no such file in $PWD or $ROOT" >&2
+    exit 2
+  fi
+fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 MAX_RESTARTS="${MAX_RESTARTS:-2}"
 
-# GPUs and ranks on this node (NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi, NPROC): sets gpus and ranks.
-# The preflight checks the same rule by running this file, so it lives there only.
+# GPUs and ranks (HOSTFILE's slots, NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi, NPROC): sets gpus, ranks,
+# devices (what --include takes) and hosts. The preflight checks the same rule by running this file, so
+# it lives there only. Under HOSTFILE the ranks are GPU ranks on the hostfile's hosts, whatever this
+# (head) node has, unless NPROC is set or the arguments hold --use_cpu true.
 source "$ROOT/scripts/topology.sh"
 
 overrides=(--deepspeed "$DS_CONFIG")
+launcher_exports=()  # what this script exports for the job, shown by DRY_RUN
 if (( gpus == 0 )); then
   overrides+=(--use_cpu true)
-  # Share the cores between the CPU ranks instead of letting each oversubscribe them.
-  cores=$(nproc)
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / ranks > 0 ? cores / ranks : 1 ))}"
+  # Share the cores between the CPU ranks instead of letting each oversubscribe them. Not under
+  # HOSTFILE: the ranks run on the hostfile's hosts, whose cores this node does not know.
+  if [[ -z "${HOSTFILE:-}" ]]; then
+    cores=$(nproc)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / ranks > 0 ? cores / ranks : 1 ))}"
+    launcher_exports+=("OMP_NUM_THREADS=$OMP_NUM_THREADS")
+  fi
 fi
 
 # A run config given as the first argument stays first; the user's overrides come after ours and win.
@@ -44,21 +69,100 @@ args=()
 if (( $# > 0 )) && [[ "$1" != -* ]]; then args+=("$1"); shift; fi
 args+=("${overrides[@]}" "$@")
 
+# Under HOSTFILE, DeepSpeed's runner starts the remote ranks through pdsh and ssh, and passes on only
+# the variables with its own prefixes (PYTHON, MLFLOW, UCX, MV2; NCCL only when this node has a GPU).
+# The rest of the job's environment goes through DeepSpeed's env file: the runner reads KEY=VALUE lines
+# from $DS_ENV_FILE (default .deepspeed_env) in ~ and in the current directory, after its own prefixes,
+# and writes "export KEY=VALUE;" into each remote command. This script writes its own file,
+#   ${XDG_CACHE_HOME:-~/.cache}/llmtrain/deepspeed_env.<launcher pid>   (mode 0600, directory 0700)
+# and points the runner at it (env DS_ENV_FILE=... in the command), so a user's own .deepspeed_env is
+# never touched; its lines (from the files the runner would have read) are copied in after ours, so they
+# still win, as in DeepSpeed. Files of launches that have ended are removed by the next launch.
+# Values never reach the console or the logs: only the names are printed.
+remote_env_prefixes='^(SWANLAB_|WANDB_|HF_|HUGGINGFACE_|TRANSFORMERS_|TOKENIZERS_|NCCL_|GLOO_|TORCH_|PYTORCH_|CUDA_|OMP_|MKL_|LLMTRAIN_)'
+remote_env_file=""
+remote_env_names=()
+write_remote_env() {
+  local dir name value file line base
+  local -a user_files=()
+  dir="${XDG_CACHE_HOME:-$HOME/.cache}/llmtrain"
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  for file in "$dir"/deepspeed_env.*; do
+    name="${file##*.}"
+    if [[ -f "$file" && "$name" =~ ^[0-9]+$ ]] && ! kill -0 "$name" 2>/dev/null; then rm -f "$file"; fi
+  done
+  remote_env_file="$dir/deepspeed_env.$$"
+  rm -f "$remote_env_file"
+  (umask 077 && : >"$remote_env_file")
+  chmod 600 "$remote_env_file"
+  {
+    # PYTHON* is left to the runner, which puts the working directory in front of PYTHONPATH.
+    for name in $(compgen -e); do
+      if [[ ! "$name" =~ $remote_env_prefixes ]]; then continue; fi
+      value="${!name}"
+      if [[ "$value" == *$'\n'* ]]; then
+        echo "launch: $name is not passed to the remote ranks: its value spans lines (the env file holds one per line)" >&2
+        continue
+      fi
+      # The runner wraps such a value in double quotes, which the remote shell reads: escape \ " $ `.
+      value="${value//\\/\\\\}"
+      value="${value//\"/\\\"}"
+      value="${value//\$/\\\$}"
+      value="${value//\`/\\\`}"
+      printf '%s=%s\n' "$name" "$value"
+      remote_env_names+=("$name")
+    done
+    # The user's own env file(s), where the runner would have looked without our DS_ENV_FILE.
+    for base in "$HOME" "$PWD"; do
+      file="${DS_ENV_FILE:-.deepspeed_env}"
+      [[ "$file" == /* ]] || file="$base/$file"
+      [[ -f "$file" && ! "$file" -ef "$remote_env_file" ]] || continue
+      for line in "${user_files[@]}"; do [[ "$file" -ef "$line" ]] && continue 2; done
+      user_files+=("$file")
+      while IFS= read -r line || [[ -n "$line" ]]; do
+        if [[ "$line" != *=* ]]; then continue; fi  # blank lines would stop the runner's reader
+        printf '%s\n' "$line"
+        name="${line%%=*}"
+        name="${name#"${name%%[![:space:]]*}"}"
+        remote_env_names+=("${name%"${name##*[![:space:]]}"} (from $file)")
+      done <"$file"
+    done
+  } >"$remote_env_file"
+}
+
 if [[ -n "${HOSTFILE:-}" ]]; then
-  launcher=("$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+  write_remote_env
+  launcher=(env "DS_ENV_FILE=$remote_env_file"
+            "$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
   [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
+  echo "launch: remote ranks get ${#remote_env_names[@]} variable(s) through $remote_env_file:" \
+    "${remote_env_names[*]:-none} (and PYTHON* from DeepSpeed's runner itself)"
 elif (( NNODES > 1 )); then
   launcher=("$PYTHON" -u -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
             --master_addr "${MASTER_ADDR:?NNODES>1 needs MASTER_ADDR}" --master_port "$MASTER_PORT"
             --nproc_per_node "$ranks")
-elif (( gpus > 0 )) && [[ -n "${CUDA_VISIBLE_DEVICES:-}" && -z "${NUM_GPUS:-}" ]]; then
-  # --num_gpus would make DeepSpeed ignore CUDA_VISIBLE_DEVICES; --include honours it.
-  launcher=("$PYTHON" -u -m deepspeed.launcher.runner --include "localhost:$CUDA_VISIBLE_DEVICES"
+elif [[ -n "$devices" ]]; then
+  # --num_gpus would make DeepSpeed ignore CUDA_VISIBLE_DEVICES; --include honours it. devices is the
+  # list CUDA_VISIBLE_DEVICES gives, or its first NUM_GPUS entries (scripts/topology.sh).
+  launcher=("$PYTHON" -u -m deepspeed.launcher.runner --include "localhost:$devices"
             --master_port "$MASTER_PORT")
 else
   launcher=("$PYTHON" -u -m deepspeed.launcher.runner --num_gpus "$ranks" --master_port "$MASTER_PORT")
 fi
 cmd=("${launcher[@]}" "$ENTRY" "${args[@]}")
+
+# DRY_RUN=1: print what would run and stop: nothing started, no output dir, no preflight.
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  echo "dry run: gpus=$gpus ranks=$ranks gpus_from=$gpus_from hosts=$hosts"
+  if (( ${#launcher_exports[@]} > 0 )); then echo "dry run: exports ${launcher_exports[*]}"; fi
+  printf 'dry run: command:'
+  for word in "${cmd[@]}"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf ' %s' "$word"; else printf ' %s' "${word@Q}"; fi
+  done
+  echo
+  exit 0
+fi
 
 output_dir=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$ROOT/scripts/output_dir.py" "$(basename "$ENTRY")" "${args[@]}")
 log_dir="$output_dir/logs"
@@ -66,19 +170,101 @@ mkdir -p "$log_dir"
 stamp="$(date +%Y%m%d-%H%M%S)-node$NODE_RANK"
 printf '%q ' "${cmd[@]}" >"$log_dir/launch-$stamp.sh"
 echo >>"$log_dir/launch-$stamp.sh"
-echo "launch: ${cmd[*]}" | tee "$log_dir/launch-$stamp.log"
-echo "log: $log_dir/launch-$stamp.log"
+log="$log_dir/launch-$stamp.log"
+# One line to the console and the log, without a pipe: a signal to the process group cannot cut it.
+say() {
+  printf '%s\n' "$*"
+  printf '%s\n' "$*" >>"$log"
+}
+say "launch: ${cmd[*]}"
+echo "log: $log"
+
+# --- Interruption ---------------------------------------------------------------------------------
+# Schedulers and terminals signal the whole foreground process group (scancel, timeout, a k8s eviction,
+# Ctrl-C). The training job runs in a session of its own (setsid), so that signal reaches this script and
+# the log copy only, never DeepSpeed's launcher (whose handler kills the ranks at once). This script sends
+# one SIGTERM to every rank instead: each finishes its step, saves a complete checkpoint and exits 75.
+PREEMPT_GRACE_S="${PREEMPT_GRACE_S:-600}"
+[[ "$PREEMPT_GRACE_S" =~ ^[0-9]+$ ]] || { say "launch: PREEMPT_GRACE_S='$PREEMPT_GRACE_S' must be a whole number of seconds"; exit 2; }
+stop_signal=""
+aborted=0
+job_pid=""
+watcher_pid=""
+
+descendants() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
+# The training processes of the job: descendants running ENTRY, not a launcher module.
+rank_pids() {
+  local pid args
+  for pid in $(descendants "$1"); do
+    args=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+    [[ "$args" == *"$ENTRY"* && "$args" != *deepspeed.launcher* && "$args" != *torch.distributed.run* ]] \
+      && echo "$pid"
+  done
+}
+
+kill_job() {
+  # torchrun's workers leave its session, so the process tree is walked, not the group.
+  kill -KILL $(descendants "$job_pid") "$job_pid" 2>/dev/null || true
+}
+
+# In the background after the first signal: SIGTERM to every rank (also ranks still starting up), then,
+# past the grace period, kill what is left.
+preempt_watch() {
+  trap '' TERM INT HUP
+  local signalled=" " pid waited=0
+  while (( waited < PREEMPT_GRACE_S )); do
+    for pid in $(rank_pids "$job_pid"); do
+      [[ "$signalled" == *" $pid "* ]] && continue
+      kill -TERM "$pid" 2>/dev/null && signalled+="$pid "
+    done
+    sleep 1
+    waited=$((waited + 1))
+  done
+  say "launch: the ranks did not stop within PREEMPT_GRACE_S=${PREEMPT_GRACE_S}s; killing them"
+  kill_job
+}
+
+on_stop_signal() {
+  local name=$1
+  if [[ -z "$job_pid" ]]; then
+    say "launch: SIG$name before training started; stopping"
+    exit $(( 128 + $(kill -l "$name") ))
+  fi
+  if [[ -n "$stop_signal" ]]; then
+    if [[ "$name" == INT ]]; then
+      aborted=1
+      say "launch: second SIGINT: killing every rank now"
+      kill_job
+    fi
+    return
+  fi
+  stop_signal=$name
+  say "launch: SIG$name: every rank saves a complete checkpoint after its current step, then stops" \
+    "(up to PREEMPT_GRACE_S=${PREEMPT_GRACE_S}s; a second Ctrl-C aborts)"
+  preempt_watch &
+  watcher_pid=$!
+  disown "$watcher_pid"  # killed when the job ends; bash need not report it
+}
+trap 'on_stop_signal TERM' TERM
+trap 'on_stop_signal INT' INT
+trap 'on_stop_signal HUP' HUP
 
 # Preflight: config, GPUs vs ranks, tokenizer, data files, output dir, disk (python -m llmtrain.tools.doctor --fast).
 if [[ "${SKIP_DOCTOR:-0}" != 1 ]]; then
   set +e
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m llmtrain.tools.doctor "$(basename "$ENTRY" .py)" --fast \
-    "${args[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
+    "${args[@]}" 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
   set -e
   if (( status != 0 )); then
-    echo "launch: preflight failed (exit $status); fix the ERROR lines above (SKIP_DOCTOR=1 skips the check)" \
-      | tee -a "$log_dir/launch-$stamp.log"
+    say "launch: preflight failed (exit $status); fix the ERROR lines above (SKIP_DOCTOR=1 skips the check)"
     exit "$status"
   fi
 fi
@@ -99,44 +285,81 @@ newest_complete_step() {
 # When every failed worker agrees on one of our codes, that code is the run's.
 worker_exit_code() {
   local codes
-  codes=$(tail -n "+$1" "$log_dir/launch-$stamp.log" | grep -oE 'exitcode *: *[0-9]+' | grep -oE '[0-9]+$' | sort -u)
+  codes=$(tail -n "+$1" "$log" | grep -oE 'exitcode *: *[0-9]+' | grep -oE '[0-9]+$' | sort -u)
   [[ -n "$codes" && $(wc -l <<<"$codes") -eq 1 ]] && echo "$codes"
+}
+
+# One attempt: the job in its own session, its output through a log copy that ignores the stop signals
+# (so the console log survives them and records the save). Sets status.
+run_job() {
+  local fifo="$log_dir/.launch-$stamp.fifo" tee_pid
+  rm -f "$fifo"
+  mkfifo "$fifo"
+  (trap '' TERM INT HUP; exec tee -a "$log" <"$fifo") &
+  tee_pid=$!
+  setsid "${cmd[@]}" >"$fifo" 2>&1 &
+  job_pid=$!
+  set +e
+  while true; do  # a trapped signal returns wait early; the job is still there then
+    wait "$job_pid" 2>/dev/null  # (no "Killed" line from bash: the launcher says what happened)
+    status=$?
+    kill -0 "$job_pid" 2>/dev/null || break
+  done
+  while true; do
+    wait "$tee_pid"
+    kill -0 "$tee_pid" 2>/dev/null || break
+  done
+  set -e
+  rm -f "$fifo"
+  job_pid=""
+  if [[ -n "$watcher_pid" ]]; then
+    kill -KILL "$watcher_pid" 2>/dev/null || true
+    watcher_pid=""
+  fi
 }
 
 # A crashed run is restarted (it resumes by itself) up to MAX_RESTARTS times, but only while
 # each attempt leaves a newer complete checkpoint behind. Bad input (2), a non-finite loss under
-# nonfinite_policy: stop (3) and preemption (75) are never retried.
+# nonfinite_policy: stop (3), preemption (75) and a stop signal are never retried.
 export PYTHONUNBUFFERED=1
 restarts=0
 while true; do
   before=$(newest_complete_step)
-  first_line=$(( $(wc -l <"$log_dir/launch-$stamp.log") + 1 ))
-  set +e
-  "${cmd[@]}" 2>&1 | tee -a "$log_dir/launch-$stamp.log"
-  status=${PIPESTATUS[0]}
-  set -e
+  first_line=$(( $(wc -l <"$log") + 1 ))
+  run_job
   if (( status == 1 )) && [[ "${launcher[*]}" == *torch.distributed.run* ]]; then
     worker_status=$(worker_exit_code "$first_line" || true)
     [[ "$worker_status" =~ ^(2|3|75)$ ]] && status=$worker_status
   fi
+  if (( aborted )); then
+    say "launch: aborted by a second SIGINT (exit 130); the newest complete checkpoint is step $(newest_complete_step)"
+    exit 130
+  fi
+  if [[ -n "$stop_signal" ]]; then
+    if (( status == 75 )); then
+      say "launch: stopped on SIG$stop_signal after saving a complete checkpoint (step $(newest_complete_step)) (exit 75);" \
+        "rerun the same command to resume"
+    else
+      say "launch: stopped on SIG$stop_signal; the ranks ended with exit $status before saving (exit 75);" \
+        "rerun the same command to resume from the newest complete checkpoint (step $(newest_complete_step))"
+    fi
+    exit 75
+  fi
   case "$status" in
     0) exit 0 ;;
-    2) echo "launch: bad input or configuration (exit 2); not retrying" | tee -a "$log_dir/launch-$stamp.log"; exit 2 ;;
-    3) echo "launch: non-finite loss or gradients (exit 3); not retrying" | tee -a "$log_dir/launch-$stamp.log"; exit 3 ;;
-    75) echo "launch: stopped on a signal after saving a complete checkpoint (exit 75); rerun to resume" \
-          | tee -a "$log_dir/launch-$stamp.log"; exit 75 ;;
+    2) say "launch: bad input or configuration (exit 2); not retrying"; exit 2 ;;
+    3) say "launch: non-finite loss or gradients (exit 3); not retrying"; exit 3 ;;
+    75) say "launch: stopped on a signal after saving a complete checkpoint (exit 75); rerun to resume"; exit 75 ;;
   esac
   after=$(newest_complete_step)
   if (( after <= before )); then
-    echo "launch: exit $status with no new complete checkpoint since this attempt began (newest: step $after); not retrying" \
-      | tee -a "$log_dir/launch-$stamp.log"
+    say "launch: exit $status with no new complete checkpoint since this attempt began (newest: step $after); not retrying"
     exit "$status"
   fi
   if (( restarts >= MAX_RESTARTS )); then
-    echo "launch: exit $status; giving up after $restarts restart(s) (MAX_RESTARTS=$MAX_RESTARTS)" \
-      | tee -a "$log_dir/launch-$stamp.log"
+    say "launch: exit $status; giving up after $restarts restart(s) (MAX_RESTARTS=$MAX_RESTARTS)"
     exit "$status"
   fi
   restarts=$((restarts + 1))
-  echo "launch: exit $status; restart $restarts/$MAX_RESTARTS resumes from step $after" | tee -a "$log_dir/launch-$stamp.log"
+  say "launch: exit $status; restart $restarts/$MAX_RESTARTS resumes from step $after"
 done

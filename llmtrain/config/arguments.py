@@ -34,6 +34,9 @@ TRUNCATION_STRATEGIES = ("drop_oldest_turns", "drop", "error")
 FINETUNING_TYPES = ("full", "lora", "partial")
 NONFINITE_POLICIES = ("stop", "skip")
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "standard")
+# ZeRO-3 keys that make the Trainer's save gather the partitioned weights into one model file (the second is
+# DeepSpeed's older spelling).
+ZERO3_GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")
 
 
 def check_choices(instance: Any) -> None:
@@ -305,6 +308,9 @@ class TrainArguments(TrainingArguments):
             super().__post_init__()
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        hf_deepspeed_config = getattr(self, "hf_deepspeed_config", None)  # set by the parent from --deepspeed
+        if hf_deepspeed_config is not None:
+            check_deepspeed_config(hf_deepspeed_config.config, self.deepspeed)
         if isinstance(self.report_to, list) and "swanlab" in self.report_to:
             self.report_to = [name for name in self.report_to if name != "swanlab"]
             self.use_swanlab = True
@@ -323,6 +329,30 @@ class TrainArguments(TrainingArguments):
         """``report_to`` as a user would write it (``"swanlab,tensorboard"``, or ``"none"``)."""
         names = [*self.report_to, *(["swanlab"] if self.use_swanlab else [])] if self.report_to is not None else []
         return ",".join(names) or "none"
+
+
+def check_deepspeed_config(config: dict[str, Any], source: object) -> None:
+    """Refuse a DeepSpeed config whose run would end without a loadable model.
+
+    Under ZeRO-3 each rank holds a slice of every weight. Only with
+    ``stage3_gather_16bit_weights_on_model_save: true`` does the Trainer's save gather them into
+    ``model.safetensors``; without it the Trainer writes DeepSpeed's shards instead and logs a warning:
+    the run exits 0 and ``from_pretrained(output_dir)`` fails ("no file named model.safetensors").
+
+    >>> check_deepspeed_config({"zero_optimization": {"stage": 2}}, "ds_config_zero2.json")
+    >>> check_deepspeed_config({"zero_optimization": {"stage": 3}}, "x.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    llmtrain.errors.ConfigError: deepspeed: x.json is a ZeRO-3 config without "stage3_gather_16bit_weights_on_...
+    """
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and not any(zero.get(key) for key in ZERO3_GATHER_KEYS):
+        described = source if isinstance(source, str | os.PathLike) else "the config"
+        raise ConfigError(
+            f'deepspeed: {described} is a ZeRO-3 config without "{ZERO3_GATHER_KEYS[0]}": true, so the final '
+            "save would write DeepSpeed shards instead of model.safetensors (no loader reads them); set it "
+            "(ds_config_zero3.json does)"
+        )
 
 
 def _bf16_supported(use_cpu: bool) -> bool:

@@ -31,6 +31,9 @@ from llmtrain.run.manifest import read_manifest
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.yaml"
+# The run id (SwanLab's experiment id) as soon as the output dir is opened: a run killed before its
+# first checkpoint keeps its id, so the restart continues the same experiment.
+RUN_ID_FILE = "run_id"
 SUMMARY_FILE = "train_summary.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 FINAL_STAGING_DIR = ".final-partial"
@@ -82,6 +85,12 @@ class RunStart:
             self.run_id = str(saved) if saved else new_run_id()
 
 
+def _saved_run_id(output_dir: Path) -> str:
+    """The id recorded when this run first opened ``output_dir``, or "" (see :data:`RUN_ID_FILE`)."""
+    path = output_dir / RUN_ID_FILE
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
+
 def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunStart:
     """Apply the output-dir rules (module docstring) without writing anything; every rank may call it.
 
@@ -114,7 +123,9 @@ def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunS
         logger.info("resuming from %s (step %s)", resume_from, resume_from.name.split("-")[-1])
     if checkpoints and differing and saved_config is not None:
         logger.warning("resuming with changed settings: %s", ", ".join(differing))
-    return RunStart(resume_from=resume_from, already_finished=False)
+    # Restarted before its first checkpoint: the same run (same settings) keeps its id.
+    run_id = _saved_run_id(output_dir) if resume_from is None and same_run else ""
+    return RunStart(resume_from=resume_from, already_finished=False, run_id=run_id)
 
 
 def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: RunStart) -> None:
@@ -136,6 +147,8 @@ def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: Run
             if problem is not None:
                 raise ConfigError(f"output_dir {output_dir} is not writable: {problem}")
             (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
+            if _saved_run_id(output_dir) != start.run_id:
+                (output_dir / RUN_ID_FILE).write_text(start.run_id + "\n", encoding="utf-8")
 
 
 def _check_structure_unchanged(checkpoint: Path, run_config: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Per-process set-up of a training launch: rank-aware log levels and DeepSpeed's CPU-only ops."""
+"""Per-process set-up of a training launch: rank-aware log levels, DeepSpeed's CPU-only ops and comm."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ def disable_unused_cpu_ops() -> None:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_deepspeed_comm(args: TrainArguments) -> None:
+    """Let ``deepspeed.comm`` wrap the process group of a CPU launch before the model is built.
+
+    On GPUs accelerate initialises ``deepspeed.comm`` itself; with ``--use_cpu`` it opens a plain
+    torch.distributed group (gloo) and leaves ``deepspeed.comm`` alone until ``deepspeed.initialize``.
+    ZeRO-3 builds the model earlier, inside ``deepspeed.zero.Init``, whose config check then sees a
+    world size of 1 and fails ("train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size 16 != 8 * 1 * 1"). Wrapping the existing group fixes that and
+    changes nothing for ZeRO-2, which wraps it the same way a little later.
+    """
+    if not args.deepspeed or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)

@@ -21,6 +21,7 @@ from llmtrain.errors import DIVERGED_EXIT_CODE
 from llmtrain.run.checkpoints import checkpoint_problem
 
 from ..conftest import REPO_ROOT, free_port, launch, read_summary, wait
+from .test_tracking_resume import assert_one_finished_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +80,13 @@ def test_resume_continues_the_swanlab_run_and_no_secret_is_ever_written(tmp_path
     run_id = json.loads((output_dir / "run_manifest.json").read_text())["run_id"]
     assert json.loads((output_dir / "checkpoint-2" / "run_manifest.json").read_text())["run_id"] == run_id
     swanlab_runs = sorted(p.name for p in (output_dir / "swanlog").glob("run-*"))
-    assert len(swanlab_runs) == 2, swanlab_runs  # the first attempt and the resumed one
+    assert len(swanlab_runs) == 1, swanlab_runs  # one experiment: the resumed attempt replaced the killed one
     assert all(name.endswith(f"-{run_id}") for name in swanlab_runs), (swanlab_runs, run_id)
     # SwanLab receives the throughput keys the ThroughputCallback adds to every training log
     run_files = list((output_dir / "swanlog").glob(f"run-*/run-{run_id}.swanlab"))
     assert run_files and all(b"supervised_tokens_per_second" in f.read_bytes() for f in run_files)
+
+    assert_one_finished_experiment(output_dir, log, "local")  # one experiment, finished, every step
 
     for path in [tmp_path / "run.log", *output_dir.rglob("*")]:
         if path.is_file() and path != config:

@@ -13,7 +13,7 @@ import pytest
 
 from llmtrain.errors import PREEMPTED_EXIT_CODE
 
-from ..conftest import REPO_ROOT, free_port, launch, read_summary, train_log, wait, wait_for_checkpoint
+from ..conftest import REPO_ROOT, free_port, launch, read_summary, wait, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -35,29 +35,6 @@ def worker_pids(launcher_pid: int) -> list[int]:
 
 def complete_steps(output_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in output_dir.glob("checkpoint-*/llmtrain_complete.json"))
-
-
-def test_sigterm_saves_a_complete_checkpoint_stops_with_exit_75_and_resumes(tmp_path: Path) -> None:
-    output_dir = tmp_path / "out"
-    env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
-    first = launch(command(output_dir), tmp_path, "first.log", **env)
-    wait_for_checkpoint(first, output_dir / "checkpoint-10", tmp_path / "first.log")
-    workers = worker_pids(first.pid)
-    assert len(workers) == 2, workers
-    for pid in workers:  # as a cluster scheduler does: every rank gets SIGTERM
-        os.kill(pid, signal.SIGTERM)
-    assert first.wait(timeout=180) == PREEMPTED_EXIT_CODE, (tmp_path / "first.log").read_text()[-3000:]
-    log = (tmp_path / "first.log").read_text()
-    assert "SIGTERM received" in log and "rerun the same command to resume" in log
-    preempted_step = complete_steps(output_dir)[-1]
-    assert 10 < preempted_step < 60, "the signal must produce a checkpoint of its own"
-    assert not (output_dir / "train_summary.json").exists() and not (output_dir / "model.safetensors").exists()
-
-    env["MASTER_PORT"] = str(free_port())
-    output = wait(launch(command(output_dir), tmp_path, "second.log", **env), tmp_path, "second.log")
-    assert f"checkpoint-{preempted_step} (step {preempted_step})" in output
-    assert read_summary(output_dir)["global_step"] == 60
-    assert [e["step"] for e in train_log(output_dir) if "loss" in e] == list(range(2, 61, 2))
 
 
 def test_a_killed_rank_is_restarted_by_the_launcher_which_finishes_the_run(tmp_path: Path) -> None:

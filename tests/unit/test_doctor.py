@@ -213,6 +213,35 @@ def test_cpu_ranks_and_bf16_on_cpu_are_reported(tmp_path: Path, monkeypatch: pyt
     assert errors(doctor.diagnose("pretrain", common(tmp_path), fast=True)) == ["NPROC='two' must be a whole number"]
 
 
+def test_hostfile_ranks_are_the_hostfile_slots_not_this_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU-less head node launching onto GPU hosts: GPU ranks, and this node's GPUs are not compared."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two GPU nodes\nnode-a slots=8\nnode-b slots=4\n")
+    monkeypatch.setenv("HOSTFILE", str(hostfile))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi: the head has no GPU
+    findings = doctor.diagnose("pretrain", common(tmp_path), fast=True)
+    assert not errors(findings)
+    gpu_lines = [f.message for f in findings if f.check == "gpus"]
+    assert gpu_lines == [
+        f"HOSTFILE={hostfile}: 12 GPU rank(s) over 2 host(s), the hostfile's slots (the hosts themselves are not "
+        "checked from here)"
+    ]
+    monkeypatch.setenv("NPROC", "2")
+    gpu_lines = [f.message for f in doctor.diagnose("pretrain", common(tmp_path), fast=True) if f.check == "gpus"]
+    assert gpu_lines[0].startswith(f"HOSTFILE={hostfile}: 12 CPU rank(s) on gloo (NPROC is set) over 2 host(s)")
+    hostfile.write_text("node-a 8\n")
+    assert errors(doctor.diagnose("pretrain", common(tmp_path), fast=True)) == [
+        f"HOSTFILE={hostfile}: bad line 'node-a 8' (DeepSpeed's format is 'host slots=N')"
+    ]
+
+
+def test_num_gpus_beyond_cuda_visible_devices_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUM_GPUS", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # a device every GPU node has, should torch initialise here
+    findings = doctor.diagnose("pretrain", common(tmp_path), fast=True)
+    assert errors(findings, "gpus") == ["NUM_GPUS=2 but CUDA_VISIBLE_DEVICES='0' lists 1 GPU(s)"]
+
+
 def tiny_estimate(tmp_path: Path, stage: str, *extra: str) -> DiskEstimate:
     spec = STAGES[stage]
     parsed = parse_args(spec.dataclass_types(), [*common(tmp_path), *extra], spec.default_config)

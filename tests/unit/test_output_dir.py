@@ -12,7 +12,14 @@ import yaml
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.errors import ConfigError
 from llmtrain.run.checkpoints import find_resume_checkpoint, write_completion_marker
-from llmtrain.run.output_dir import RUN_CONFIG_FILE, SUMMARY_FILE, RunStart, inspect_output_dir, open_output_dir
+from llmtrain.run.output_dir import (
+    RUN_CONFIG_FILE,
+    RUN_ID_FILE,
+    SUMMARY_FILE,
+    RunStart,
+    inspect_output_dir,
+    open_output_dir,
+)
 
 RUN = {"learning_rate": 1e-3, "block_size": 64, "logging_steps": 10}
 
@@ -109,4 +116,14 @@ def test_start_over_moves_everything_aside_and_deletes_nothing(tmp_path: Path) -
     assert (archived[0] / "model.safetensors").read_bytes() == b"weights"
     assert (archived[0] / "checkpoint-10" / "trainer_state.json").is_file()
     assert (tmp_path / "logs").is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "previous", RUN_CONFIG_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "previous", RUN_CONFIG_FILE, RUN_ID_FILE]
+
+
+def test_a_run_restarted_before_its_first_checkpoint_keeps_its_run_id(tmp_path: Path) -> None:
+    first = prepare_output_dir(train_args(tmp_path), RUN)
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() == first.run_id
+    again = prepare_output_dir(train_args(tmp_path), RUN)  # killed before checkpoint-N: same settings, same run
+    assert again.run_id == first.run_id
+    other = prepare_output_dir(train_args(tmp_path), {**RUN, "learning_rate": 5e-4})  # another run in the dir
+    assert other.run_id != first.run_id
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() == other.run_id

@@ -105,18 +105,24 @@ class Topology:
     """What scripts/launch.sh starts on this node, as scripts/topology.sh computes it."""
 
     gpus: int  # GPUs the launcher uses; 0 means CPU ranks with --use_cpu
-    ranks: int  # processes it starts on this node
-    gpus_from: str  # the setting that decided ``gpus``: NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi or none
+    ranks: int  # processes it starts on this node (under HOSTFILE: on all the hostfile's hosts)
+    gpus_from: str  # what decided ``gpus``: HOSTFILE, NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi or none
+    hosts: int = 1  # the hostfile's hosts under HOSTFILE, else this node
 
     @classmethod
     def parse(cls, line: str) -> Topology:
-        """Read the script's ``gpus=N ranks=N gpus_from=WHAT`` line.
+        """Read the script's ``gpus=N ranks=N gpus_from=WHAT hosts=N`` line.
 
-        >>> Topology.parse("gpus=0 ranks=2 gpus_from=none\\n")
-        Topology(gpus=0, ranks=2, gpus_from='none')
+        >>> Topology.parse("gpus=0 ranks=2 gpus_from=none hosts=1\\n")
+        Topology(gpus=0, ranks=2, gpus_from='none', hosts=1)
         """
         fields = dict(part.split("=", 1) for part in line.split())
-        return cls(gpus=int(fields["gpus"]), ranks=int(fields["ranks"]), gpus_from=fields["gpus_from"])
+        return cls(
+            gpus=int(fields["gpus"]),
+            ranks=int(fields["ranks"]),
+            gpus_from=fields["gpus_from"],
+            hosts=int(fields.get("hosts", "1")),
+        )
 
 
 def launch_topology(script: Path = TOPOLOGY_SCRIPT) -> Topology:
@@ -139,9 +145,11 @@ def launch_topology(script: Path = TOPOLOGY_SCRIPT) -> Topology:
 def check_gpus(report: Report, training_args: TrainArguments | None) -> None:
     """What scripts/launch.sh will start (its own rule, :data:`TOPOLOGY_SCRIPT`) against what torch sees.
 
-    The launcher takes ``NUM_GPUS``, else the devices ``CUDA_VISIBLE_DEVICES`` lists, else every
-    GPU nvidia-smi lists; with none it runs ``NPROC`` CPU ranks (default 1) on gloo with ``--use_cpu``.
-    More GPUs than torch sees is an error: those ranks would fail to start.
+    The launcher takes ``NUM_GPUS`` (the first ones ``CUDA_VISIBLE_DEVICES`` lists, when it is set),
+    else the devices ``CUDA_VISIBLE_DEVICES`` lists, else every GPU nvidia-smi lists; with none it
+    runs ``NPROC`` CPU ranks (default 1) on gloo with ``--use_cpu``. More GPUs than torch sees is an
+    error: those ranks would fail to start. Under ``HOSTFILE`` the hostfile's slots are the ranks,
+    on its hosts, so this node's GPUs are not compared.
     """
     visible = torch.cuda.device_count()
     if not TOPOLOGY_SCRIPT.is_file():
@@ -149,10 +157,14 @@ def check_gpus(report: Report, training_args: TrainArguments | None) -> None:
         return
     topology = launch_topology()
     gpus = topology.gpus
+    if topology.gpus_from == "HOSTFILE":
+        _report_hostfile(report, topology, training_args)
+        return
     if topology.gpus_from == "NUM_GPUS":
         if gpus > visible:
             raise PreflightError(f"NUM_GPUS={gpus} but torch sees {visible} GPU(s) on this node")
-        source = f"NUM_GPUS={gpus}"
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        source = f"NUM_GPUS={gpus}" + (f" of CUDA_VISIBLE_DEVICES={listed}" if listed else "")
     elif topology.gpus_from == "CUDA_VISIBLE_DEVICES":
         listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         if gpus > visible:
@@ -164,15 +176,33 @@ def check_gpus(report: Report, training_args: TrainArguments | None) -> None:
         source = f"torch sees {visible}" if gpus == visible else f"nvidia-smi lists {gpus}"
     else:  # no nvidia-smi on PATH: the launcher starts CPU ranks whatever torch sees
         source = "nvidia-smi not found" if visible else f"torch sees {visible}"
-    nodes = " (HOSTFILE set: other nodes are not checked)" if os.environ.get("HOSTFILE") else ""
     if gpus > 0:
         names = sorted({torch.cuda.get_device_name(index) for index in range(gpus)})
-        report.add(OK, "gpus", f"{gpus} GPU rank(s) of {visible} visible ({source}; {', '.join(names)}){nodes}")
+        report.add(OK, "gpus", f"{gpus} GPU rank(s) of {visible} visible ({source}; {', '.join(names)})")
         if training_args is not None and training_args.use_cpu:
             report.add(WARNING, "gpus", "use_cpu is set: training will ignore the GPUs")
         return
-    report.add(OK, "gpus", f"no GPU ({source}): CPU: {topology.ranks} rank(s) on gloo, --use_cpu{nodes}")
+    report.add(OK, "gpus", f"no GPU ({source}): CPU: {topology.ranks} rank(s) on gloo, --use_cpu")
     if topology.gpus_from == "none" and visible:
         report.add(WARNING, "gpus", "nvidia-smi is not on PATH, so the launcher will not use the GPUs torch sees")
+    _warn_bf16_on_cpu(report, training_args)
+
+
+def _report_hostfile(report: Report, topology: Topology, training_args: TrainArguments | None) -> None:
+    """HOSTFILE: GPU ranks on the hostfile's slots, unless NPROC or ``--use_cpu true`` asks for CPU ranks."""
+    on_cpu = topology.gpus == 0 or (training_args is not None and training_args.use_cpu)
+    why = (" (NPROC is set)" if topology.gpus == 0 else " (--use_cpu true)") if on_cpu else ""
+    kind = f"CPU rank(s) on gloo{why}" if on_cpu else "GPU rank(s)"
+    report.add(
+        OK,
+        "gpus",
+        f"HOSTFILE={os.environ.get('HOSTFILE', '')}: {topology.ranks} {kind} over {topology.hosts} host(s), "
+        "the hostfile's slots (the hosts themselves are not checked from here)",
+    )
+    if on_cpu:
+        _warn_bf16_on_cpu(report, training_args)
+
+
+def _warn_bf16_on_cpu(report: Report, training_args: TrainArguments | None) -> None:
     if training_args is not None and training_args.bf16:
         report.add(WARNING, "gpus", "bf16 is requested on CPU: it works but is ~3x slower than fp32 (--bf16 false)")

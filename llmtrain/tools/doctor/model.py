@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ def count_parameters(
     Raises the fine-tuning method's :class:`~llmtrain.errors.ConfigError` (a LoRA target that
     matches nothing, more trainable layers than the model has).
     """
-    with torch.device("meta"):
+    with _without_zero3_init(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             copy.deepcopy(model_config), trust_remote_code=model_args.trust_remote_code
         )
@@ -61,6 +63,24 @@ def count_parameters(
         model = apply_finetuning_method(model, method_args, activation_checkpointing=False)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     return ParameterCounts(unique=unique, saved=saved, trainable=trainable, adapter_only=adapter_only)
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build a plain model while the parsed arguments name a ZeRO-3 DeepSpeed config.
+
+    Parsing ``--deepspeed ds_config_zero3.json`` registers the config globally, and transformers then
+    builds every model inside ``deepspeed.zero.Init``, which needs the ranks' process group (in one
+    process it looks for mpi4py: "No module named 'mpi4py'"). The count needs none of that.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def local_source(source: str, filename: str) -> Path | None:

@@ -1,0 +1,95 @@
+"""A killed run that the launcher resumes is one SwanLab experiment, in offline mode here and in local mode
+through ``test_guards.py``'s SwanLab resume test, which makes the same assertions.
+
+2 CPU ranks through pretrain.sh; ``LLMTRAIN_FAULT=kill_after_step=3`` SIGKILLs every rank once
+(after checkpoint-2), the launcher's own restart resumes and finishes. Read back from the swanlog
+directory: one run directory, named with the run id of the output's ``run_manifest.json``,
+whose ``.swanlab`` file ends with a "finished" record and holds the loss of every step, those of
+the killed attempt (replayed from the checkpoint) and those of the resumed one; in local mode,
+one dashboard entry under the experiment's own name, status finished.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ..conftest import REPO_ROOT, free_port, launch, train_log, wait
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 6
+
+
+def command(output_dir: Path, mode: str) -> list[str]:
+    return [
+        "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
+        "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true",
+        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2", "--max_steps", str(MAX_STEPS),
+        "--report_to", "swanlab", "--swanlab_mode", mode,
+    ]  # fmt: skip
+
+
+def read_swanlab_run(path: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """A ``.swanlab`` run file, through swanlab's own reader: scalars by key and step, and the finish states."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.proto.swanlab.run.v1.run_pb2 import RunState
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    scalars: dict[str, dict[int, float]] = {}
+    finishes: list[str] = []
+    reader = DataStoreReader()
+    reader.open(path)
+    try:
+        for data in reader:
+            record = Record()
+            record.ParseFromString(data)
+            if record.HasField("scalar"):
+                scalars.setdefault(record.scalar.key, {})[record.scalar.step] = record.scalar.value.number
+            elif record.HasField("finish"):
+                finishes.append(RunState.Name(record.finish.state))
+    finally:
+        reader.close()
+    return scalars, finishes
+
+
+def test_a_killed_and_resumed_offline_run_is_one_finished_swanlab_experiment_with_every_step(tmp_path: Path) -> None:
+    """Offline mode; local mode is checked by the same assertions in test_guards' SwanLab resume test."""
+    output_dir = tmp_path / "out"
+    run = launch(command(output_dir, "offline"), tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()),
+                 LLMTRAIN_FAULT="kill_after_step=3")  # fmt: skip
+    log = wait(run, tmp_path, "run.log")
+    assert_one_finished_experiment(output_dir, log, "offline")
+
+
+def assert_one_finished_experiment(output_dir: Path, log: str, mode: str) -> None:
+    """The swanlog directory after a run killed at step 3 (checkpoint-2) and resumed to ``MAX_STEPS``."""
+    assert "restart 1/2 resumes from step 2" in log
+    assert "2 logged steps replayed from the checkpoint, 1 interrupted attempt(s) replaced" in log
+
+    run_id = json.loads((output_dir / "run_manifest.json").read_text())["run_id"]
+    swanlog = output_dir / "swanlog"
+    run_dirs = sorted(path for path in swanlog.iterdir() if path.is_dir())
+    assert len(run_dirs) == 1, [path.name for path in run_dirs]  # no second experiment, no dangling attempt
+    run_dir = run_dirs[0]
+    assert run_dir.name.startswith("run-") and run_dir.name.endswith(f"-{run_id}"), (run_dir.name, run_id)
+
+    scalars, finishes = read_swanlab_run(run_dir / f"run-{run_id}.swanlab")
+    assert finishes == ["RUN_STATE_FINISHED"]  # not left running
+    trainer_losses = {entry["step"]: entry["loss"] for entry in train_log(output_dir) if "loss" in entry}
+    assert sorted(trainer_losses) == list(range(1, MAX_STEPS + 1))
+    assert sorted(scalars["train/loss"]) == sorted(trainer_losses)  # steps of both attempts
+    for step in (1, MAX_STEPS):  # the first (killed attempt, replayed) and the last (resumed attempt)
+        assert scalars["train/loss"][step] == pytest.approx(trainer_losses[step], rel=1e-6), step
+    assert 1 in scalars["train/tokens_per_second"]  # the callbacks' keys are replayed too
+
+    if mode == "local":  # what `swanlab watch` lists: swanboard's database beside the run directory
+        with sqlite3.connect(swanlog / "runs.swanlab") as database:
+            entries = database.execute("SELECT run_id, name, status FROM experiment").fetchall()
+            (folder,) = database.execute("SELECT folder FROM tag WHERE name = 'train/loss'").fetchone()
+        assert entries == [(run_dir.name, "out", 1)]  # one entry, its own name (no "out-2"), 1 = finished
+        lines = [line for path in (run_dir / "logs" / folder).glob("*.log") for line in path.read_text().splitlines()]
+        assert sorted(json.loads(line)["index"] for line in lines) == sorted(trainer_losses)  # the charts' data
