@@ -298,6 +298,11 @@ class TrainArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ConfigError(
+                f"max_steps={self.max_steps}, num_train_epochs={self.num_train_epochs} trains nothing: set max_steps "
+                "to a positive number of optimizer steps, or leave it at -1 and set num_train_epochs > 0"
+            )
         if self.bf16 is None:
             self.bf16 = _bf16_supported(self.use_cpu)
         if self.use_cpu:

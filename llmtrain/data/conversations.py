@@ -88,7 +88,8 @@ def normalise_record(record: object, fmt: str, where: str, default_system_prompt
     With ``default_system_prompt``, a conversation without a system message gets one prepended.
     Contents are kept exactly as written. Raises :class:`DataError` naming ``where`` when the record
     is in another format than ``fmt``, or a turn is not an object, has an unknown role, or has
-    no content (missing, null, not a string, or blank), or the conversation has no assistant turn.
+    no content (missing, null, not a string, or blank), or the conversation has no assistant turn or
+    opens with one.
 
     >>> normalise_record({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
     ...                  "sharegpt", "a.jsonl:1")
@@ -114,6 +115,12 @@ def normalise_record(record: object, fmt: str, where: str, default_system_prompt
     for number, message in enumerate(messages[1:], start=2):
         if message["role"] == "system":
             raise DataError(f"{where}: system message in turn {number}; a system message may only be the first turn")
+    first_turn = 1 if messages[0]["role"] == "system" else 0
+    if messages[first_turn]["role"] == "assistant":
+        raise DataError(
+            f"{where}: the conversation opens with an assistant turn (turn {first_turn + 1}); chat templates "
+            "need a user turn before the first answer"
+        )
     if default_system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": default_system_prompt})
     return messages

@@ -64,8 +64,10 @@ def tokenize_and_group(
     Blank documents are skipped (they would only add a lone EOS).
     """
     texts = [text for text in batch["text"] if text.strip()]
-    token_ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     assert tokenizer.eos_token_id is not None
+    if not texts:  # a batch of blank documents (the tokenizer refuses an empty batch)
+        return {"input_ids": np.empty((0, block_size), dtype=np.int32)}
+    token_ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return {"input_ids": group_into_blocks(token_ids, block_size, tokenizer.eos_token_id)}
 
 

@@ -59,11 +59,22 @@ def parse_json_line(line: str, where: str) -> object:
     Traceback (most recent call last):
     ...
     llmtrain.errors.DataError: a.jsonl:7: invalid JSON (Expecting value, column 10)
+    >>> parse_json_line('{"text": "\\\\ud800"}', "a.jsonl:2")
+    Traceback (most recent call last):
+    ...
+    llmtrain.errors.DataError: a.jsonl:2: a lone UTF-16 surrogate escape ('\\ud800') is not text
     """
     try:
-        return json.loads(line)
+        value = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{where}: invalid JSON ({error.msg}, column {error.colno})") from error
+    if "\\ud" in line.lower():  # JSON may escape a lone UTF-16 surrogate, which is no text at all
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:
+            surrogate = error.object[error.start]
+            raise DataError(f"{where}: a lone UTF-16 surrogate escape ({surrogate!r}) is not text") from error
+    return value
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[str, object]]:

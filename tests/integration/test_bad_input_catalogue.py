@@ -154,6 +154,20 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
         qa_conversations(40), ["--lora_target_modules", "q_proj,attn_qkv"],
         r"lora_target_modules: attn_qkv match\(es\) nothing in the model",
     ),
+    "conversation-opening-with-an-answer": sft_case(
+        [GOOD_CHAT, {"conversations": [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"},
+                                       {"from": "gpt", "value": "Hi again"}]}],
+        [], r"data\.jsonl:2: the conversation opens with an assistant turn",
+    ),
+    "lone-surrogate-escape": sft_case(
+        [GOOD_CHAT, {"conversations": [{"from": "human", "value": "\ud800"}, {"from": "gpt", "value": "a"}]}],
+        [], r"data\.jsonl:2: a lone UTF-16 surrogate escape",
+    ),
+    "blank-documents-only": pretrain_case(
+        '{"text": ""}\n{"text": "   "}\n', ["--preprocessing_batch_size", "1", "--validation_split_percentage", "0"],
+        r"train_files: 2 documents make no full block",
+    ),
+    "zero-max-steps": pretrain_case('{"text": "a"}\n', ["--max_steps", "0"], r"max_steps=0, .* trains nothing"),
     "tokenizer-without-chat-template": tokenizer_without_chat_template,
     "unknown-yaml-key": unknown_yaml_key,
     "missing-config-file": missing_config_file,

@@ -108,6 +108,12 @@ def test_block_size_and_split_rules_live_in_post_init() -> None:
         parse(["--prepare_only", "true"])
 
 
+@pytest.mark.parametrize("argv", [["--max_steps", "0"], ["--num_train_epochs", "0"]], ids=["max-steps", "epochs"])
+def test_a_run_that_would_train_nothing_is_a_config_error(argv: list[str]) -> None:
+    with pytest.raises(ConfigError, match="trains nothing"):
+        parse(argv)
+
+
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(config: Path) -> None:
     if config.name.startswith("sft_"):

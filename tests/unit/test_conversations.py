@@ -129,6 +129,25 @@ def test_a_conversation_without_an_assistant_turn_is_an_error_naming_its_line(tm
         read_conversations(path)
 
 
+def test_a_conversation_opening_with_an_answer_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    opens_with_answer = {"messages": [{"role": "system", "content": "Be brief."}, *reversed(good["messages"])]}
+    path = write_jsonl(tmp_path / "a.jsonl", [good, opens_with_answer])
+    with pytest.raises(DataError, match=r"a\.jsonl:2: the conversation opens with an assistant turn \(turn 2\)"):
+        read_conversations(path)
+
+
+def test_a_lone_surrogate_escape_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(
+        turns({"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"})
+        + "\n"
+        + '{"conversations": [{"from": "human", "value": "\\ud800"}, {"from": "gpt", "value": "a"}]}\n'
+    )
+    with pytest.raises(DataError, match=r"a\.jsonl:2: a lone UTF-16 surrogate escape"):
+        read_conversations(path)
+
+
 def turns(*items: object) -> str:
     return json.dumps({"conversations": list(items)})
 

@@ -53,3 +53,9 @@ def test_collate_makes_labels_equal_to_inputs_with_no_ignore_index() -> None:
     assert batch["input_ids"].dtype.is_floating_point is False
     assert batch["labels"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert batch["labels"].data_ptr() != batch["input_ids"].data_ptr()
+
+
+def test_a_batch_of_blank_documents_gives_no_block_instead_of_a_tokenizer_error(tiny_tokenizer) -> None:
+    """``--preprocessing_batch_size 1`` with one blank document, or an all-blank corpus."""
+    blocks = tokenize_and_group({"text": ["", "   \n"]}, tiny_tokenizer, block_size=8)["input_ids"]
+    assert blocks.shape == (0, 8) and blocks.dtype == np.int32
