@@ -131,6 +131,11 @@ def is_running(pid: int) -> bool:
         return False
 
 
+def complete_steps(output_dir: Path) -> list[int]:
+    """Steps of the checkpoints that carry a completion marker, oldest first."""
+    return sorted(int(p.parent.name.split("-")[1]) for p in output_dir.glob("checkpoint-*/llmtrain_complete.json"))
+
+
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "train_summary.json").read_text())
 

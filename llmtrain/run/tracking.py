@@ -41,19 +41,13 @@ LOCAL_MODES = ("local", "offline")
 DASHBOARD_DB = "runs.swanlab"
 
 
-def resolve_swanlab_mode(requested: str | None) -> str:
-    """The SwanLab mode to run in: as requested, else ``$SWANLAB_MODE``, else cloud with a key, else local.
-
-    >>> resolve_swanlab_mode("offline")
-    'offline'
-    """
-    return choose_swanlab_mode(requested)[0]
-
-
 def choose_swanlab_mode(requested: str | None) -> tuple[str, str]:
     """``(mode, why)``: as requested, else ``$SWANLAB_MODE``, else cloud where swanlab finds an API key, else local.
 
     ``why`` names where the choice came from (for the log); it never holds a key.
+
+    >>> choose_swanlab_mode("offline")
+    ('offline', 'from swanlab_mode')
     """
     if requested:
         return requested, "from swanlab_mode"

@@ -24,7 +24,16 @@ from llmtrain.run.checkpoints import checkpoint_problem, find_resume_checkpoint
 from llmtrain.run.ledger import read_ledger
 from llmtrain.tools.verify_resume import compare_runs
 
-from ..conftest import REPO_ROOT, free_port, launch, qa_conversations, save_random_tiny_model, wait, write_jsonl
+from ..conftest import (
+    REPO_ROOT,
+    complete_steps,
+    free_port,
+    launch,
+    qa_conversations,
+    save_random_tiny_model,
+    wait,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,10 +95,6 @@ def training_processes(output_dir: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def complete_steps(output_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in output_dir.glob("checkpoint-*/llmtrain_complete.json"))
 
 
 @pytest.fixture(scope="module")

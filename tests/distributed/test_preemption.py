@@ -33,10 +33,6 @@ def worker_pids(launcher_pid: int) -> list[int]:
     ]
 
 
-def complete_steps(output_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in output_dir.glob("checkpoint-*/llmtrain_complete.json"))
-
-
 def test_a_killed_rank_is_restarted_by_the_launcher_which_finishes_the_run(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     run = launch(command(output_dir), tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1")

@@ -16,7 +16,6 @@ from llmtrain.run.tracking import (
     SwanLabResume,
     choose_swanlab_mode,
     drop_dashboard_entries,
-    resolve_swanlab_mode,
     swanlab_callbacks,
 )
 
@@ -73,7 +72,7 @@ def test_a_stored_login_chooses_cloud_and_its_key_is_never_logged(
 
 def test_the_environment_key_and_explicit_modes_come_first(swanlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store_login(swanlab_home / "swanlab-root")
-    assert resolve_swanlab_mode("offline") == "offline"
+    assert choose_swanlab_mode("offline")[0] == "offline"
     monkeypatch.setenv("SWANLAB_MODE", "local")
     assert choose_swanlab_mode(None) == ("local", "from SWANLAB_MODE")
     monkeypatch.delenv("SWANLAB_MODE")
@@ -84,7 +83,7 @@ def test_the_environment_key_and_explicit_modes_come_first(swanlab_home: Path, m
 def test_a_login_stored_for_another_host_is_not_used(swanlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store_login(swanlab_home / "swanlab-root")
     monkeypatch.setenv("SWANLAB_API_HOST", "https://swanlab.internal.example")  # swanlab's own rule
-    assert resolve_swanlab_mode(None) == "local"
+    assert choose_swanlab_mode(None)[0] == "local"
 
 
 class RecordingCallback:
