@@ -26,6 +26,10 @@ class DataError(UserInputError):
     """A data file is unreadable or malformed; the message names the file and, where known, the line."""
 
 
+class StorageFull(UserInputError):
+    """The disk filled up while a checkpoint or the final model was written; the message names path and free space."""
+
+
 class TrainingPreempted(Exception):
     """Training stopped on a signal after saving a complete checkpoint; resume by rerunning."""
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # the tools load tokenizers and models without the training a
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Pickled weights as transformers and PEFT save them (``safe_serialization=False``).
+PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "adapter_model.bin", "*.pt", "*.pth")
 
 
 def load_tokenizer(
@@ -53,11 +55,50 @@ def load_tokenizer_for(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     return load_tokenizer(model_args.tokenizer_name_or_path, model_args.trust_remote_code, "tokenizer_name_or_path")
 
 
+def pickle_only_weights(directory: Path) -> str | None:
+    """The pickled weights file of a model or adapter dir that has no safetensors beside it, else None.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "adapter_model.bin").write_bytes(b"")
+    >>> pickle_only_weights(d)
+    'adapter_model.bin'
+    >>> _ = (d / "adapter_model.safetensors").write_bytes(b""); pickle_only_weights(d) is None
+    True
+    """
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return None
+    pickled = sorted(path.name for pattern in PICKLE_WEIGHT_PATTERNS for path in directory.glob(pattern))
+    return pickled[0] if pickled else None
+
+
+def check_safetensors_weights(source: str | Path, field_name: str | None = None) -> None:
+    """Refuse a local model or adapter dir whose weights exist only as pickle, before anything else is done.
+
+    Pickle can run code when it is loaded, so such weights are never read; without this check the
+    refusal would come as a loader traceback after the data build. ``field_name`` is the setting
+    ``source`` came from (tools pass None and name the path).
+    """
+    pickled = pickle_only_weights(Path(source).expanduser())
+    if pickled is None:
+        return
+    where = f"{field_name}: {source}" if field_name else str(source)
+    raise ConfigError(
+        f"{where} holds its weights only as pickle ({pickled}), which can run code when loaded; only safetensors "
+        "are read. Convert it once where you trust the file, e.g. from_pretrained(dir, use_safetensors=False)"
+        ".save_pretrained(new_dir), which writes safetensors"
+    )
+
+
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
-    """Read the architecture config only (no weights): from config_name or model_name_or_path."""
+    """Read the architecture config only (no weights): from config_name or model_name_or_path.
+
+    Pretrained weights that exist only as pickle are refused here, the first time the model is named.
+    """
     source = model_args.config_name or model_args.model_name_or_path
     assert source is not None  # ModelArguments guarantees one of the two
     field_name = "config_name" if model_args.config_name else "model_name_or_path"
+    if not model_args.from_scratch and model_args.model_name_or_path is not None:
+        check_safetensors_weights(model_args.model_name_or_path, "model_name_or_path")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:

@@ -49,8 +49,8 @@ def prose_records(count: int, words: int = 60) -> list[dict[str, str]]:
     ]
 
 
-def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """Environment for a launched run: offline, local SwanLab, the test's Python."""
+def subprocess_env(tmp_path: Path, **extra: str | None) -> dict[str, str]:
+    """Environment for a launched run: offline, local SwanLab, the test's Python; ``NAME=None`` unsets NAME."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SWANLAB_", "PYTEST_"))}
     env.update(
         PYTHON=sys.executable,
@@ -62,12 +62,16 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         # The launchers' preflight costs ~10 s of imports per launch; tests that check it set SKIP_DOCTOR=0.
         SKIP_DOCTOR="1",
     )
-    env.update(extra)
+    for name, value in extra.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
 
 
 def run_entry(
-    args: list[str], tmp_path: Path, entry: str = "pretrain.py", timeout: float = 300, **env: str
+    args: list[str], tmp_path: Path, entry: str = "pretrain.py", timeout: float = 300, **env: str | None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python ENTRY ARGS`` (one process, no launcher) and capture its output."""
     return subprocess.run(

@@ -263,6 +263,13 @@ class TrainArguments(TrainingArguments):
         default=False,
         metadata={"help": "Archive what output_dir holds (to output_dir/previous/) and train from step 0."},
     )
+    allow_data_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume although the training data changed since the checkpoint was written: the changes are "
+            "logged and the data order starts a fresh pass over the new data (refused by default)."
+        },
+    )
     swanlab_project: str = field(default="llmtrain", metadata={"help": "SwanLab project name."})
     swanlab_experiment_name: str | None = field(
         default=None, metadata={"help": "SwanLab experiment name; defaults to the output_dir's name."}

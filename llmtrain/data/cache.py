@@ -5,10 +5,29 @@ A prepared dataset is a ``datasets.DatasetDict`` saved with ``save_to_disk`` plu
 sibling directory that is renamed into place when complete, so a crash mid-build never leaves
 a half-written dataset that a later run would trust, and two nodes racing to build the same
 key on a shared filesystem both end up with one complete copy.
+
+Verification rule (a dataset damaged after it was built, e.g. a truncated copy, is never trusted):
+
+- At build time the metadata's ``files`` lists every file of the saved dataset (path relative to
+  it, size in bytes) and a SHA-256 for each file of at most :data:`HASH_SMALL_FILE_BYTES` (the
+  JSON state files) and, when the whole dataset is at most :data:`HASH_DATASET_BYTES`, for its
+  Arrow data files too. Above that only sizes are recorded, so neither building nor verifying
+  ever reads a multi-GB dataset in full.
+- Before reuse every listed file must exist with its recorded size and, where recorded, hash;
+  files that are not listed (e.g. ``datasets`` cache files written later) are ignored. Then the
+  dataset is loaded; an Arrow or I/O error while loading also counts as damage.
+- A dataset prepared before file lists were recorded is checked by loading it only: a
+  truncated Arrow file fails to load and counts as damage; same-size corruption goes unnoticed.
+- Damaged and rebuildable (the cache-dir copy, keyed on its raw files; or ``tokenized_path``
+  when this run's raw files resolve to the unchanged files recorded in its metadata): one WARNING
+  names the file and the fault, the damaged copy is renamed aside and deleted, and the dataset is
+  built again through the atomic path above. Otherwise one ``ConfigError`` names the field, the
+  file and the fault, and nothing is written.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,14 +39,22 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from llmtrain.config.arguments import DataArguments
 from llmtrain.data.files import file_fingerprints, resolve_data_files
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "llmtrain_meta.json"
+# Hashing 64 MiB takes ~0.1 s, negligible beside tokenizing; above that only sizes are checked.
+HASH_DATASET_BYTES = 64 * 2**20
+# datasets' JSON state files are a few hundred bytes: always hashed, whatever the dataset's size.
+HASH_SMALL_FILE_BYTES = 2**20
+# What a damaged Arrow file raises while loading (truncation: OSError; bad bytes: ArrowInvalid).
+LOAD_ERRORS = (OSError, ValueError, KeyError, pa.ArrowException)
+SHOWN_PROBLEMS = 3  # a message names this many damaged files, then counts the rest
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -47,54 +74,197 @@ class PreparedData:
     eval: datasets.Dataset | None
     path: Path
     built: bool
-    metadata: dict[str, Any]  # compat, stats (the stage's counts), sources (file fingerprints)
+    metadata: dict[str, Any]  # compat, stats (the stage's counts), sources (file fingerprints), files (sizes, hashes)
 
 
-def load_or_build(
-    path: Path,
-    compat: dict[str, Any],
-    build: Callable[[], tuple[datasets.DatasetDict, dict[str, Any]]],
-    field_name: str,
-    sources: dict[str, Any] | None = None,
-) -> PreparedData:
-    """Load the prepared dataset at ``path``, or build and save it there.
+@dataclass
+class RawFiles:
+    """The raw files a prepared dataset is (or would be) built from."""
+
+    train_files: list[Path]
+    validation_files: list[Path]
+    sources: dict[str, Any]  # file fingerprints and split settings, recorded in the metadata
+
+
+@dataclass
+class DataLocation:
+    """Where a stage's prepared dataset lives, and how to find the raw files it is built from."""
+
+    path: Path
+    keyed_on_sources: bool  # a dataset_cache_dir path: its name is a key of the raw files, so they are known
+    raw_files: Callable[[], RawFiles]  # resolved and fingerprinted on first call, then cached; DataError if missing
+
+
+Build = Callable[[RawFiles], tuple[datasets.DatasetDict, dict[str, Any]]]
+
+
+def load_or_build(location: DataLocation, compat: dict[str, Any], build: Build, field_name: str) -> PreparedData:
+    """Load the prepared dataset at ``location.path`` after verifying it, or build and save it there.
 
     ``compat`` describes what the dataset must match to be reused (tokenizer, block size, code
     version); an existing dataset whose ``compat`` differs is refused with an error naming
-    ``field_name``, never silently trained on. ``build`` returns the datasets and stats to store;
-    ``sources`` (data file fingerprints) is recorded beside them.
+    ``field_name``, never silently trained on. A damaged one is rebuilt or refused by the rule in
+    the module docstring. ``build`` turns the raw files into the datasets and stats to store; the
+    raw files' ``sources`` and the saved files' sizes and hashes are recorded beside them.
     """
-    meta_path = path / META_FILE
+    path = location.path
     if path.exists():
-        if not meta_path.is_file():
-            raise ConfigError(f"{field_name}: {path} exists but is not a dataset prepared by llmtrain")
-        metadata = json.loads(meta_path.read_text())
-        _check_compatible(metadata["compat"], compat, path, field_name)
-        logger.info("reusing the tokenized dataset at %s (no re-tokenization)", path)
-        return _loaded(path, metadata, built=False)
+        metadata, problems = _read_metadata(path, field_name)
+        if metadata is not None:
+            _check_compatible(metadata["compat"], compat, path, field_name)
+            problems = find_damage(path, metadata)
+        if not problems:
+            assert metadata is not None
+            try:
+                prepared = _loaded(path, metadata, built=False)
+            except LOAD_ERRORS as error:
+                problems = [_unreadable_file(path) or f"could not be loaded ({_one_line(error)})"]
+            else:
+                logger.info("reusing the tokenized dataset at %s (no re-tokenization)", path)
+                return prepared
+        _refuse_or_move_aside(location, metadata, problems, field_name)
 
+    raw = location.raw_files()
     logger.info("tokenizing into %s", path)
-    prepared, stats = build()
-    metadata = {"compat": compat, "stats": stats, "sources": sources or {}}
+    prepared_splits, stats = build(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    prepared.save_to_disk(str(staging))
+    prepared_splits.save_to_disk(str(staging))
+    metadata = {"compat": compat, "stats": stats, "sources": raw.sources, "files": file_manifest(staging)}
     (staging / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     try:
         os.rename(staging, path)
     except OSError:
-        if not meta_path.is_file():
+        if not (path / META_FILE).is_file():
             raise
         logger.info("another process finished %s first; using its copy", path)
         shutil.rmtree(staging, ignore_errors=True)
     return _loaded(path, metadata, built=True)
 
 
+def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"?}}`` for every file under ``directory`` but the metadata.
+
+    A file is hashed when it is small (the JSON state files) or the whole dataset is small; a
+    multi-GB dataset's Arrow files get sizes only, so the manifest costs nothing to build.
+    """
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META_FILE)
+    sizes = {file: file.stat().st_size for file in files}
+    hash_everything = sum(sizes.values()) <= HASH_DATASET_BYTES
+    manifest: dict[str, dict[str, Any]] = {}
+    for file in files:
+        entry: dict[str, Any] = {"size": sizes[file]}
+        if hash_everything or sizes[file] <= HASH_SMALL_FILE_BYTES:
+            entry["sha256"] = _sha256(file)
+        manifest[file.relative_to(directory).as_posix()] = entry
+    return manifest
+
+
+def find_damage(path: Path, metadata: dict[str, Any]) -> list[str]:
+    """What is wrong with the files of the prepared dataset at ``path``, one ``"file: fault"`` each.
+
+    Checks the ``files`` recorded in ``metadata`` (presence, size, hash where recorded). A dataset
+    whose metadata has no file list (prepared by an older llmtrain) gets no file checks here;
+    loading it is its only check.
+    """
+    files = metadata.get("files")
+    if files is None:
+        logger.info("%s was prepared before file lists were recorded: only loading it can check it", path)
+        return []
+    problems = []
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif (size := file.stat().st_size) != expected["size"]:
+            problems.append(f"{name}: {size} bytes, expected {expected['size']}")
+        elif "sha256" in expected and _sha256(file) != expected["sha256"]:
+            problems.append(f"{name}: content differs from the SHA-256 recorded when it was built")
+    return problems
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _read_metadata(path: Path, field_name: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The metadata, or ``None`` and why it is unreadable; a directory without one is not ours to touch."""
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise ConfigError(f"{field_name}: {path} exists but is not a dataset prepared by llmtrain")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        return None, [f"{META_FILE}: unreadable ({_one_line(error)})"]
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("compat"), dict):
+        return None, [f"{META_FILE}: no compat record"]
+    return metadata, []
+
+
 def _loaded(path: Path, metadata: dict[str, Any], built: bool) -> PreparedData:
     splits = datasets.load_from_disk(str(path))
-    assert isinstance(splits, datasets.DatasetDict)
+    if not isinstance(splits, datasets.DatasetDict) or "train" not in splits:
+        raise ValueError(f"{path} holds no train split")
     return PreparedData(splits["train"], splits.get("validation"), path, built, metadata)
+
+
+def _unreadable_file(path: Path) -> str | None:
+    """The first Arrow file under ``path`` that does not load, as ``"file: fault"``; names it for old datasets."""
+    for file in sorted(path.rglob("*.arrow")):
+        try:
+            datasets.Dataset.from_file(str(file))
+        except LOAD_ERRORS as error:
+            return f"{file.relative_to(path).as_posix()}: unreadable ({_one_line(error)})"
+    return None
+
+
+def _refuse_or_move_aside(
+    location: DataLocation, metadata: dict[str, Any] | None, problems: list[str], field_name: str
+) -> None:
+    """Refuse (ConfigError, nothing touched) unless the raw files are known; else warn and remove the copy."""
+    path = location.path
+    summary = "; ".join(problems[:SHOWN_PROBLEMS])
+    if len(problems) > SHOWN_PROBLEMS:
+        summary += f"; {len(problems) - SHOWN_PROBLEMS} more"
+    unknown = _why_raw_files_unknown(location, metadata)
+    if unknown is not None:
+        raise ConfigError(
+            f"{field_name}: the prepared dataset {path} is damaged ({summary}) and cannot be rebuilt: {unknown}; "
+            f"delete {path}, or rerun with the train_files it was prepared from, to tokenize again"
+        )
+    logger.warning("the prepared dataset %s is damaged (%s); deleting it and tokenizing again", path, summary)
+    aside = path.parent / f".{path.name}.damaged-{os.getpid()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        logger.info("another process already moved the damaged %s aside", path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _why_raw_files_unknown(location: DataLocation, metadata: dict[str, Any] | None) -> str | None:
+    """``None`` when this run can rebuild the very dataset that was at ``location.path``; else why not."""
+    if location.keyed_on_sources:
+        return None
+    if metadata is None:
+        return "its metadata is unreadable, so the raw files it was built from are unknown"
+    try:
+        raw = location.raw_files()
+    except DataError as error:
+        return f"its raw files are not available ({error})"
+    if raw.sources != metadata.get("sources"):
+        recorded = [entry["path"] for entry in (metadata.get("sources") or {}).get("train", [])]
+        shown = ", ".join(recorded[:SHOWN_PROBLEMS]) + (", ..." if len(recorded) > SHOWN_PROBLEMS else "")
+        return (
+            f"this run's raw files or split settings are not the unchanged ones it was prepared from "
+            f"(train_files: {shown or 'unknown'})"
+        )
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: Path, field_name: str) -> None:
@@ -106,27 +276,24 @@ def _check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: Path,
             )
 
 
-@dataclass
-class DataLocation:
-    """Where a stage's prepared dataset lives, and the raw files it is (or would be) built from."""
-
-    path: Path
-    train_files: list[Path]
-    validation_files: list[Path]
-    sources: dict[str, Any]  # file fingerprints and split settings, recorded in the metadata
-
-
 def locate_prepared_data(
     data_args: DataArguments, compat: dict[str, Any], stage: str, settings: dict[str, Any]
 ) -> DataLocation:
-    """An existing ``tokenized_path`` as is (raw files unread); else resolve and fingerprint the files.
+    """Where the prepared dataset goes, and its raw files: resolved now unless ``tokenized_path`` exists.
 
-    The dataset then goes to ``tokenized_path`` when set, or to ``dataset_cache_dir`` under
-    ``<stage>-<key>``, the key hashing ``compat``, the file fingerprints and ``settings`` (the
-    stage's reading options).
+    An existing ``tokenized_path`` is used as is: its raw files are resolved only if it turns out
+    damaged (to rebuild it from them). Otherwise the dataset goes to ``tokenized_path`` when set,
+    or to ``dataset_cache_dir`` under ``<stage>-<key>``, the key hashing ``compat``, the file
+    fingerprints and ``settings`` (the stage's reading options).
     """
-    if data_args.tokenized_path and Path(data_args.tokenized_path).exists():
-        return DataLocation(Path(data_args.tokenized_path), [], [], {})
+    resolve = functools.cache(lambda: _resolve_raw_files(data_args, settings))
+    if data_args.tokenized_path:
+        return DataLocation(Path(data_args.tokenized_path), False, resolve)
+    path = Path(data_args.dataset_cache_dir).expanduser() / f"{stage}-{cache_key({**compat, **resolve().sources})}"
+    return DataLocation(path, True, resolve)
+
+
+def _resolve_raw_files(data_args: DataArguments, settings: dict[str, Any]) -> RawFiles:
     assert data_args.train_files is not None
     train_files = resolve_data_files(data_args.train_files, "train_files")
     validation_files = (
@@ -138,9 +305,4 @@ def locate_prepared_data(
         "validation_split_percentage": data_args.validation_split_percentage,
         **settings,
     }
-    path = (
-        Path(data_args.tokenized_path)
-        if data_args.tokenized_path
-        else Path(data_args.dataset_cache_dir).expanduser() / f"{stage}-{cache_key({**compat, **sources})}"
-    )
-    return DataLocation(path, train_files, validation_files, sources)
+    return RawFiles(train_files, validation_files, sources)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow as pa
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 # Suffix -> datasets builder name.
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 UTF8_CHECK_CHUNK_BYTES = 1 << 24  # bounded memory while validating multi-GB files
+FULL_DIGEST_MAX_BYTES = 8 << 20  # data files up to this size are hashed whole (see file_digest)
+DIGEST_SAMPLE_BYTES = 1 << 20
 # Fixed so the held-out records stay the same across runs and seeds (and cached datasets stay valid).
 VALIDATION_SPLIT_SEED = 20240601
 
@@ -159,9 +163,70 @@ def load_text_files(paths: Iterable[Path], text_field: str, txt_sample_by: str) 
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file's content, or (above FULL_DIGEST_MAX_BYTES) of its size and three samples.
+
+    Files up to 8 MiB are hashed whole; a larger one by its size plus 1 MiB each from its start,
+    middle and end, so fingerprinting a multi-GB corpus reads a few MiB per file. An edit that keeps
+    the size and touches none of the samples goes unnoticed (the modification time, in the cache
+    key, still rebuilds the tokenized data).
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "a.txt"; _ = p.write_text("abc")
+    >>> file_digest(p)[:20]
+    'sha256:ba7816bf8f01c'
+    """
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= FULL_DIGEST_MAX_BYTES:
+            for chunk in iter(lambda: handle.read(DIGEST_SAMPLE_BYTES), b""):
+                digest.update(chunk)
+            return f"sha256:{digest.hexdigest()}"
+        digest.update(str(size).encode())
+        for offset in (0, (size - DIGEST_SAMPLE_BYTES) // 2, size - DIGEST_SAMPLE_BYTES):
+            handle.seek(offset)
+            digest.update(handle.read(DIGEST_SAMPLE_BYTES))
+    return f"sha256-sampled:{digest.hexdigest()}"
+
+
 def file_fingerprints(paths: Iterable[Path]) -> list[dict[str, object]]:
-    """Identity of each file for cache keys: absolute path, size and modification time."""
-    return [{"path": str(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns} for path in paths]
+    """Identity of each file: absolute path, size, modification time (cache keys) and content digest (resume)."""
+    return [
+        {
+            "path": str(path),
+            "size": path.stat().st_size,
+            "mtime_ns": path.stat().st_mtime_ns,
+            "digest": file_digest(path),
+        }
+        for path in paths
+    ]
+
+
+def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two recorded data identities (the ``sources`` of a manifest), one line per file.
+
+    Files are compared by path, size and content digest; a new modification time alone is no change.
+
+    >>> old = {"train": [{"path": "/d/a.jsonl", "size": 10, "digest": "x"}, {"path": "/d/b.jsonl", "size": 5}]}
+    >>> data_changes(old, {"train": [{"path": "/d/a.jsonl", "size": 12, "digest": "y"}]})
+    ['train_files: /d/a.jsonl changed (10 -> 12 bytes)', 'train_files: /d/b.jsonl removed']
+    """
+    changes = []
+    for split in ("train", "validation"):
+        before = {str(entry["path"]): entry for entry in saved.get(split, [])}
+        after = {str(entry["path"]): entry for entry in current.get(split, [])}
+        for path in sorted(set(before) | set(after)):
+            old, new = before.get(path), after.get(path)
+            if old is None:
+                changes.append(f"{split}_files: {path} added")
+            elif new is None:
+                changes.append(f"{split}_files: {path} removed")
+            elif old["size"] != new["size"]:
+                changes.append(f"{split}_files: {path} changed ({old['size']} -> {new['size']} bytes)")
+            elif old.get("digest") and new.get("digest") and old["digest"] != new["digest"]:
+                changes.append(f"{split}_files: {path} changed (same size, other content)")
+    return changes
 
 
 def train_validation_splits(

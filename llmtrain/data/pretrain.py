@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import PretrainDataArguments
-from llmtrain.data.cache import PreparedData, cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.files import load_text_files, train_validation_splits
 from llmtrain.errors import DataError
 
@@ -111,10 +111,10 @@ def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTraine
     settings = {"text_field": data_args.text_field, "txt_sample_by": data_args.txt_sample_by}
     location = locate_prepared_data(data_args, compat, "pretrain", settings)
 
-    def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
-        return _build(data_args, tokenizer, location.train_files, location.validation_files)
+    def build(raw: RawFiles) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+        return _build(data_args, tokenizer, raw.train_files, raw.validation_files)
 
-    prepared = load_or_build(location.path, compat, build, "tokenized_path", location.sources)
+    prepared = load_or_build(location, compat, build, "tokenized_path")
     stats = prepared.metadata["stats"]
     logger.info(
         "pretraining data: %d train blocks, %d eval blocks of %d tokens (%s)",

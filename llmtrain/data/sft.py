@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
-from llmtrain.data.cache import PreparedData, cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.conversations import Message, read_conversation_files
 from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
@@ -294,10 +294,10 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
     }
     location = locate_prepared_data(data_args, compat, "sft", {})
 
-    def build() -> tuple[datasets.DatasetDict, dict[str, Any]]:
-        return _build(data_args, tokenizer, location.train_files, location.validation_files, end_of_turn_id)
+    def build(raw: RawFiles) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+        return _build(data_args, tokenizer, raw.train_files, raw.validation_files, end_of_turn_id)
 
-    prepared = load_or_build(location.path, compat, build, "tokenized_path", location.sources)
+    prepared = load_or_build(location, compat, build, "tokenized_path")
     stats = prepared.metadata["stats"]
     logger.info(
         "SFT data: %d train rows, %d eval rows; %d conversations kept, dropped %s, %d truncated "

@@ -10,6 +10,8 @@ only ever deletes checkpoints older than the newest complete one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -18,12 +20,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from llmtrain.errors import StorageFull
 from llmtrain.run.faults import FaultInjector
 from llmtrain.run.manifest import write_manifest
 
@@ -32,6 +36,43 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "llmtrain_complete.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 HASH_CHUNK_BYTES = 1 << 24
+# A failed write with less than this left on the filesystem is taken for a full disk: torch.save then
+# reports "basic_ios::clear" or "file write failed", not ENOSPC.
+LOW_DISK_BYTES = 256 << 20
+
+
+def disk_full_problem(error: BaseException, path: Path) -> str | None:
+    """What to tell the user when writing ``path`` failed with ``error`` on a full disk; None when the disk is not full.
+
+    >>> import tempfile
+    >>> disk_full_problem(RuntimeError("unrelated"), Path(tempfile.gettempdir())) is None  # plenty of space here
+    True
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    out_of_space = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not out_of_space and free >= LOW_DISK_BYTES:
+        return None
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return (
+        f"the disk is full: writing {path} failed ({reason}); {free / 2**20:.1f} MiB free on the filesystem of "
+        f"{existing}. Free some space (or move output_dir) and rerun the same command: it resumes from the newest "
+        f"complete checkpoint, and the incomplete {path.name} is never trusted"
+    )
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: Path) -> Iterator[None]:
+    """Turn a write into ``path`` that fails on a full disk into one :class:`StorageFull` error."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        problem = disk_full_problem(error, path)
+        if problem is None:
+            raise
+        raise StorageFull(problem) from error
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -8,6 +8,8 @@ loss) at one well-defined point of a run:
   (needs ``gradient_accumulation_steps >= 2``);
 * ``kill_during_save=K``: while checkpoint K is being written: every rank's files are on disk
   but the completion marker is not;
+* ``kill_during_final_save=K``: while the final model of a run that ends at step K is being
+  written: every rank has saved it to ``.final-partial/``, nothing is moved into place yet;
 * ``nan_loss=K``: not a kill: rank 0's first micro-batch loss of step K becomes NaN (to test
   ``nonfinite_policy``).
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 FAULT_ENV = "LLMTRAIN_FAULT"
 FIRED_FILE = ".llmtrain_fault_fired"
-FAULT_POINTS = ("kill_after_step", "kill_in_accumulation", "kill_during_save", "nan_loss")
+FAULT_POINTS = ("kill_after_step", "kill_in_accumulation", "kill_during_save", "kill_during_final_save", "nan_loss")
 
 
 def parse_fault(spec: str | None) -> tuple[str, int] | None:

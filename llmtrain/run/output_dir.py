@@ -6,7 +6,10 @@ Output-dir rules, checked before anything is written:
 * checkpoints there: resume from the newest complete one (no flag needed);
 * this exact run already finished there: say so and exit 0;
 * a finished model of another run there: refuse, unless ``--start_over true``, which moves
-  everything aside to ``output_dir/previous/<time>/`` (nothing is deleted).
+  everything aside to ``output_dir/previous/<time>/`` (nothing is deleted);
+* another live launch holds ``output_dir/.llmtrain.lock``: refuse at once, naming its host, pid
+  and start time; the main process holds that lock from :func:`open_output_dir` to its exit, and a
+  lock left by a dead process is taken over (:mod:`llmtrain.run.lock`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.errors import ConfigError
 from llmtrain.run.checkpoints import find_resume_checkpoint, list_checkpoints
+from llmtrain.run.lock import LOCK_FILE, OutputDirLock, check_not_held
 from llmtrain.run.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -38,13 +42,14 @@ SUMMARY_FILE = "train_summary.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 FINAL_STAGING_DIR = ".final-partial"
 ARCHIVE_DIR = "previous"
-KEPT_ON_START_OVER = frozenset({"logs", ARCHIVE_DIR})  # launcher logs of the current launch stay put
+# The launcher logs and the lock of the current launch stay put.
+KEPT_ON_START_OVER = frozenset({"logs", ARCHIVE_DIR, LOCK_FILE})
 FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 # Settings that may differ between launches of the same run (logging, launch topology, tracking).
 VOLATILE_KEYS = frozenset(
     {
-        "start_over", "local_rank", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
-        "save_steps", "save_strategy", "save_total_limit", "eval_steps", "dataloader_num_workers",
+        "start_over", "allow_data_change", "local_rank", "report_to", "logging_steps", "logging_first_step",
+        "logging_strategy", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "dataloader_num_workers",
         "ddp_timeout", "deepspeed", "use_cpu", "disable_tqdm", "log_level", "log_level_replica",
         "swanlab_project", "swanlab_experiment_name", "swanlab_mode", "swanlab_log_dir",
         "prepare_only", "preprocessing_num_workers", "tokenized_path", "dataset_cache_dir", "run_name",
@@ -79,6 +84,11 @@ class RunStart:
     # Names the experiment in trackers (SwanLab's run id); kept in every checkpoint so a resume continues it.
     run_id: str = ""
 
+    @property
+    def resumed_step(self) -> int:
+        """The global step of the checkpoint this launch resumes (0 when it starts from scratch)."""
+        return int(self.resume_from.name.rsplit("-", 1)[-1]) if self.resume_from is not None else 0
+
     def __post_init__(self) -> None:
         if not self.run_id:
             saved = read_manifest(self.resume_from).get("run_id") if self.resume_from else None
@@ -99,6 +109,11 @@ def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunS
     are built, so a bad input never leaves a half-initialised output dir behind.
     """
     output_dir = Path(str(args.output_dir))
+    # First: another launch's files are not ours to judge. Only the process that would take the lock
+    # checks it: under NNODES the other nodes' ranks would see a crashed main process's lock (another
+    # host, heartbeat still fresh) as live and refuse the restart.
+    if args.should_save:
+        check_not_held(output_dir / LOCK_FILE)
     saved_config_path = output_dir / RUN_CONFIG_FILE
     saved_config = yaml.safe_load(saved_config_path.read_text()) if saved_config_path.is_file() else None
     has_model = any((output_dir / name).is_file() for name in FINAL_MODEL_FILES)
@@ -128,16 +143,18 @@ def inspect_output_dir(args: TrainArguments, run_config: dict[str, Any]) -> RunS
     return RunStart(resume_from=resume_from, already_finished=False, run_id=run_id)
 
 
-def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: RunStart) -> None:
-    """Create ``output_dir`` (moving an old run aside first under ``start_over``) and record the config.
+def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: RunStart) -> OutputDirLock:
+    """Lock ``output_dir``, move an old run aside first under ``start_over``, and record the config.
 
-    Only the main process writes; the other ranks wait for it.
+    Only the main process writes; the other ranks wait for it. The main process takes the lock
+    (:mod:`llmtrain.run.lock`) before writing anything, and raises :class:`ConfigError` naming the
+    holder if another launch got it first. Returns the lock, to ``release()`` when the run ends
+    (it is released at exit anyway); on the other ranks it is a handle that holds nothing.
     """
     output_dir = Path(str(args.output_dir))
+    lock = OutputDirLock(output_dir / LOCK_FILE)
     with args.main_process_first(local=False, desc="open output_dir"):
         if args.should_save:
-            if start.archive_first:
-                _archive(output_dir)
             problem = writable_problem(output_dir)
             try:
                 if problem is None:
@@ -146,9 +163,17 @@ def open_output_dir(args: TrainArguments, run_config: dict[str, Any], start: Run
                 problem = str(error.strerror or error)
             if problem is not None:
                 raise ConfigError(f"output_dir {output_dir} is not writable: {problem}")
-            (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
-            if _saved_run_id(output_dir) != start.run_id:
-                (output_dir / RUN_ID_FILE).write_text(start.run_id + "\n", encoding="utf-8")
+            lock.acquire(run_id=start.run_id)
+            try:
+                if start.archive_first:
+                    _archive(output_dir)
+                (output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
+                if _saved_run_id(output_dir) != start.run_id:
+                    (output_dir / RUN_ID_FILE).write_text(start.run_id + "\n", encoding="utf-8")
+            except BaseException:
+                lock.release()
+                raise
+    return lock
 
 
 def _check_structure_unchanged(checkpoint: Path, run_config: dict[str, Any]) -> None:

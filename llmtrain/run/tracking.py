@@ -30,6 +30,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmtrain.config.arguments import TrainArguments
+from llmtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 MAX_LOSS_FOR_PERPLEXITY = 50.0
 # The modes in which swanlab does not resume an experiment itself (see the module docstring).
 LOCAL_MODES = ("local", "offline")
+# The modes in which swanlab.init logs in to a server (swanlab takes "online" for "cloud").
+CLOUD_MODES = ("cloud", "online")
 # The local dashboard's database, in the log dir (swanboard's name for it).
 DASHBOARD_DB = "runs.swanlab"
 
@@ -55,6 +58,27 @@ def choose_swanlab_mode(requested: str | None) -> tuple[str, str]:
         return os.environ["SWANLAB_MODE"], "from SWANLAB_MODE"
     source = swanlab_key_source()
     return ("cloud", f"API key from {source}") if source else ("local", "no SwanLab API key or login")
+
+
+def cloud_unreachable_message(error: BaseException) -> str:
+    """The one error for a cloud-mode ``swanlab.init`` that failed (no network, a wrong key, a server down).
+
+    Only the error's type is quoted, and the message of swanlab's own login and API errors (which
+    hold no key); a settings error can quote the values it was given, a key among them.
+    """
+    from swanlab import Settings
+    from swanlab.exceptions import ApiError, AuthenticationError
+
+    try:
+        host = Settings().api_host
+    except Exception:  # a malformed setting: then the host is not the point
+        host = "the SwanLab server"
+    detail = f": {str(error)[:200]}" if isinstance(error, AuthenticationError | ApiError) else ""
+    return (
+        f"swanlab_mode: cloud mode could not log in to {host} ({type(error).__name__}{detail}). "
+        "On a node without internet access set swanlab_mode: local (or offline, and `swanlab sync` the run "
+        "later), or report_to: none; otherwise check the API key"
+    )
 
 
 def swanlab_key_source() -> str | None:
@@ -146,7 +170,12 @@ class SwanLabResume(TrainerCallback):
                 drop_dashboard_entries(self.log_dir, [path.name for path in interrupted])
             except Exception as error:  # a tracker must not stop training: then the dashboard lists two entries
                 logger.warning("SwanLab: could not remove the interrupted attempts' dashboard entries: %r", error)
-        self.callback.setup(args, state, model)
+        try:
+            self.callback.setup(args, state, model)
+        except Exception as error:
+            if self.mode not in CLOUD_MODES:
+                raise
+            raise ConfigError(cloud_unreachable_message(error)) from error
         replayed = self.replay(args, state, control) if state.global_step > 0 and self.mode != "disabled" else 0
         for path in interrupted:
             shutil.rmtree(path, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.cache import PreparedData
-from llmtrain.errors import TrainingPreempted
-from llmtrain.run.checkpoints import convert_to_universal, saved_world_size
-from llmtrain.run.manifest import run_manifest, write_manifest
+from llmtrain.data.files import data_changes
+from llmtrain.errors import ConfigError, TrainingPreempted
+from llmtrain.run.checkpoints import convert_to_universal, reporting_full_disk, saved_world_size
+from llmtrain.run.manifest import read_manifest, run_manifest, write_manifest
 from llmtrain.run.output_dir import FINAL_STAGING_DIR, LOSS_CURVE_FILE, SUMMARY_FILE, RunStart, open_output_dir
 from llmtrain.run.tracking import plot_loss_curve
 from llmtrain.run.trainer import LlmTrainer, build_trainer
@@ -38,10 +40,44 @@ def train_in_output_dir(
     Called once the data and the model are built, so a bad input never leaves a half-initialised
     output dir behind. Returns the summary written to ``train_summary.json``.
     """
-    open_output_dir(args, run_config, start)
-    manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
-    trainer = build_trainer(model, tokenizer, args, data.train, data.eval, data_collator, manifest, sequence_length)
-    return train_and_save(trainer, start, manifest)
+    if start.resume_from is not None:
+        check_data_unchanged(start.resume_from, data, args)
+    lock = open_output_dir(args, run_config, start)  # held by the main process until the run ends
+    try:
+        manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
+        trainer = build_trainer(model, tokenizer, args, data.train, data.eval, data_collator, manifest, sequence_length)
+        return train_and_save(trainer, start, manifest)
+    finally:
+        lock.release()
+
+
+def check_data_unchanged(checkpoint: Path, data: PreparedData, args: TrainArguments) -> None:
+    """Refuse to resume ``checkpoint`` on other training data than it was trained on, unless allowed.
+
+    The data identity is the file list with sizes and content digests recorded in the checkpoint's
+    manifest (``data.sources``). Resuming mid-epoch on changed data would continue a data order
+    computed for other samples, without a word. With ``allow_data_change`` the changes are logged
+    and the data order starts a fresh pass over the new data (the Trainer skips no batches).
+    """
+    saved = read_manifest(checkpoint).get("data", {}).get("sources")
+    if not saved:
+        return  # a checkpoint from before data identities were recorded
+    changes = data_changes(saved, data.metadata.get("sources", {}))
+    if not changes:
+        return
+    listed = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+    if not args.allow_data_change:
+        raise ConfigError(
+            f"train_files: the training data changed since {checkpoint} was written ({listed}). Restore the "
+            "original files to resume, pass --start_over true to train from step 0, or --allow_data_change true "
+            "to continue on the new data (its data order starts a fresh pass)"
+        )
+    logger.warning(
+        "allow_data_change: resuming %s on changed data (%s); the data order starts a fresh pass over it",
+        checkpoint,
+        listed,
+    )
+    args.ignore_data_skip = True
 
 
 def _adapt_to_world_size(trainer: LlmTrainer, checkpoint: Path) -> None:
@@ -90,11 +126,17 @@ def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any
     # Trained with the cache off (see build_model); inference wants it back on.
     model: Any = trainer.model
     model.config.use_cache = True
-    # Saved aside, then moved in: output_dir never holds a half-written final model.
+    # Saved aside, then moved in: output_dir never holds a half-written final model. A staging dir
+    # left by a run killed while saving is cleared first (its run resumed at its last checkpoint).
     staging = output_dir / FINAL_STAGING_DIR
-    trainer.save_model(str(staging))
+    if args.should_save and staging.exists():
+        shutil.rmtree(staging)
+    with reporting_full_disk(staging):
+        trainer.save_model(str(staging))
     if args.should_save:
         write_manifest(staging, manifest, trainer.state.global_step)
+    trainer.faults.maybe_kill("kill_during_final_save", trainer.state.global_step)
+    if args.should_save:
         for path in sorted(staging.iterdir()):
             os.replace(path, output_dir / path.name)
         staging.rmdir()
@@ -106,7 +148,8 @@ def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any
         "deepspeed": trainer.is_deepspeed_enabled,
         "engine": type(engine).__name__,
         "zero_stage": engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None,
-        "train_loss": result.training_loss,
+        # None when this launch only finished the final save of a run whose last checkpoint is at max_steps.
+        "train_loss": result.training_loss if trainer.state.global_step > start.resumed_step else None,
         "skipped_nonfinite": guard.skipped_nonfinite,
         "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +25,13 @@ from llmtrain.config.arguments import TrainArguments
 from llmtrain.errors import ConfigError
 from llmtrain.loss import enable_memory_efficient_loss
 from llmtrain.metrics import ThroughputCallback, TokenCounter
-from llmtrain.run.checkpoints import CompleteCheckpointCallback
+from llmtrain.run.checkpoints import CompleteCheckpointCallback, reporting_full_disk
 from llmtrain.run.faults import FaultInjector
 from llmtrain.run.guards import StepGuardCallback
 from llmtrain.run.ledger import DataLedger
 from llmtrain.run.tracking import PerplexityCallback, swanlab_callbacks
+
+logger = logging.getLogger(__name__)
 
 
 class LlmTrainer(Trainer):
@@ -80,17 +83,35 @@ class LlmTrainer(Trainer):
         That rotation orders by mtime and runs before the other ranks finish saving;
         :class:`CompleteCheckpointCallback` rotates instead, after the completion marker. The user's
         ``save_total_limit`` is switched off for the save only, and the pickled arguments the
-        checkpoint holds are rewritten with it.
+        checkpoint holds are rewritten with it. A full disk ends the run with one clear error.
         """
         keep = self.args.save_total_limit
         self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = keep
-        if self.args.should_save:
-            checkpoint = Path(str(self.args.output_dir)) / f"checkpoint-{self.state.global_step}"
-            torch.save(self.args, checkpoint / TRAINING_ARGS_NAME)
+        checkpoint = Path(str(self.args.output_dir)) / f"checkpoint-{self.state.global_step}"
+        with reporting_full_disk(checkpoint):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = keep
+            if self.args.should_save:
+                torch.save(self.args, checkpoint / TRAINING_ARGS_NAME)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        """The stock epoch, unless the run already reached ``max_steps``: then nothing is trained.
+
+        A run resumed from a checkpoint at its last step (killed while saving its final model) would
+        otherwise skip to that step inside the epoch and train one step more than asked. With the
+        loop left at once, ``train()`` returns and the final save is all that happens.
+        """
+        if self.state.global_step >= self.state.max_steps:
+            logger.info(
+                "step %d already reaches max_steps=%d: nothing left to train; finishing the final save only",
+                self.state.global_step,
+                self.state.max_steps,
+            )
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, BatchEncoding, PreTrainedTokenize
 
 from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
-from llmtrain.modeling import load_tokenizer
+from llmtrain.modeling import check_safetensors_weights, load_tokenizer
 from llmtrain.tiny_default import IM_END
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> Any:
     """Load a causal LM from safetensors only (no checkpoint code is run), in eval mode."""
+    check_safetensors_weights(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
@@ -104,6 +105,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 
 def apply_adapter(model: Any, adapter_dir: Path) -> Any:
     """Wrap ``model`` with the adapter saved in ``adapter_dir`` (inference mode, eval)."""
+    check_safetensors_weights(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
     except (OSError, ValueError, RuntimeError) as error:

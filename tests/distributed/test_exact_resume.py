@@ -48,9 +48,9 @@ def command(output_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run(output_dir: Path, log_name: str, **env: str) -> str:
+def run(output_dir: Path, log_name: str, *extra: str, **env: str) -> str:
     env = {"NPROC": "2", "MASTER_PORT": str(free_port()), **env}
-    process = launch(command(output_dir), output_dir.parent, log_name, **env)
+    process = launch([*command(output_dir), *extra], output_dir.parent, log_name, **env)
     return wait(process, output_dir.parent, log_name, timeout=600)
 
 
@@ -89,6 +89,20 @@ def test_a_run_killed_mid_step_or_mid_save_finishes_bit_identical(
         # checkpoint-6 was left without its marker; resume skipped it and the rerun wrote a complete one
         assert "checkpoint-6" in output and f"resuming from {output_dir}/checkpoint-3" in output
     assert_identical(reference, output_dir)
+
+
+def test_a_run_killed_during_its_final_save_only_finishes_the_save(reference: Path) -> None:
+    # Checkpoints every 4 steps put a complete checkpoint at the last step (8), as the issue found it:
+    # the restart resumes there and must not train step 9; saving more often changes no weight.
+    output_dir = reference.parent / "final-save"
+    output = run(output_dir, "final-save.log", "--save_steps", "4", LLMTRAIN_FAULT=f"kill_during_final_save={STEPS}")
+    assert "killing this rank now (SIGKILL)" in output and (output_dir / FIRED_FILE).exists()
+    assert f"restart 1/2 resumes from step {STEPS}" in output
+    assert f"step {STEPS} already reaches max_steps={STEPS}: nothing left to train" in output
+    assert_identical(reference, output_dir)
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == STEPS and summary["train_loss"] is None
+    assert not (output_dir / ".final-partial").exists()
 
 
 def test_sigterm_then_rerunning_the_same_command_is_bit_identical(reference: Path) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file as safetensors_load
 
 from llmtrain.errors import USER_ERROR_EXIT_CODE
 
@@ -48,6 +50,18 @@ def interrupted_lora_run(tmp_path_factory: pytest.TempPathFactory, base_model: P
     assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
     assert (root / "out" / "checkpoint-2" / "llmtrain_complete.json").is_file()
     return root / "out", args
+
+
+@pytest.fixture(scope="module")
+def interrupted_pretraining(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], Path]:
+    """A pretraining run killed after step 3: a complete checkpoint-2, no final model; its corpus."""
+    root = tmp_path_factory.mktemp("pretrain-run")
+    corpus = write_jsonl(root / "corpus.jsonl", prose_records(300))
+    args = [*pretrain_args(root, corpus, root / "out"), "--max_steps", "5", "--save_steps", "2"]
+    result = run_entry(args, root, LLMTRAIN_FAULT="kill_after_step=3")
+    assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (root / "out" / "checkpoint-2" / "llmtrain_complete.json").is_file()
+    return root / "out", args, corpus
 
 
 def pretrain_args(tmp: Path, corpus: Path, output_dir: Path) -> list[str]:
@@ -127,6 +141,24 @@ def unwritable_output_dir(tmp: Path, base_model: Path) -> Case:
                 blocker / "out")  # fmt: skip
 
 
+def pickle_only_model(tmp: Path, base_model: Path) -> Case:
+    model = tmp / "pickled"
+    shutil.copytree(base_model, model)
+    torch.save(safetensors_load(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    data = write_jsonl(tmp / "data.jsonl", qa_conversations(8))
+    error = r"model_name_or_path: .*pickled holds its weights only as pickle \(pytorch_model\.bin\)"
+    return Case("finetune.py", sft_args(tmp, model, data, tmp / "out"), error, tmp / "out")
+
+
+def output_dir_is_a_file(tmp: Path, base_model: Path) -> Case:
+    output_dir = tmp / "out"
+    output_dir.write_text("a file where the output dir should be")
+    corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(200))
+    error = r"output_dir .*out is not writable: .*not a directory"
+    return Case("pretrain.py", pretrain_args(tmp, corpus, output_dir), error, output_dir)
+
+
 CASES: dict[str, Callable[[Path, Path], Case]] = {
     "malformed-json-line": pretrain_case('{"text": "fine"}\n{"text": oops}\n', [], r"corpus\.jsonl:2: invalid JSON"),
     "non-utf8-bytes": pretrain_case(b'{"text": "fine"}\n{"text": "caf\xe9"}\n', [], r"corpus\.jsonl:2: .*UTF-8"),
@@ -168,6 +200,11 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
         r"train_files: 2 documents make no full block",
     ),
     "zero-max-steps": pretrain_case('{"text": "a"}\n', ["--max_steps", "0"], r"max_steps=0, .* trains nothing"),
+    "zero-epochs": pretrain_case(
+        '{"text": "a"}\n', ["--max_steps", "-1", "--num_train_epochs", "0"], r"num_train_epochs=0\.0 trains nothing"
+    ),
+    "pickle-only-weights": pickle_only_model,
+    "output-dir-is-a-file": output_dir_is_a_file,
     "tokenizer-without-chat-template": tokenizer_without_chat_template,
     "unknown-yaml-key": unknown_yaml_key,
     "missing-config-file": missing_config_file,
@@ -180,6 +217,8 @@ def snapshot(directory: Path) -> dict[str, str] | None:
     """Every file under ``directory`` with its SHA-256, or None when it does not exist."""
     if not directory.exists():
         return None
+    if directory.is_file():
+        return {"": hashlib.sha256(directory.read_bytes()).hexdigest()}
     return {
         str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(directory.rglob("*"))
@@ -214,3 +253,27 @@ def test_resuming_a_lora_run_with_changed_lora_settings_is_refused(
     error = assert_fails_cleanly(Case("finetune.py", changed, r"checkpoint-2 was trained with other", output_dir),
                                  output_dir.parent)  # fmt: skip
     assert "lora_r: 8 -> 4" in error and "lora_target_modules" in error
+
+
+def test_data_edited_between_a_kill_and_the_resume_is_refused_unless_allowed(
+    interrupted_pretraining: tuple[Path, list[str], Path],
+) -> None:
+    output_dir, args, corpus = interrupted_pretraining
+    with corpus.open("a", encoding="utf-8") as handle:  # one document appended, as a data refresh would
+        handle.write('{"text": "a document that was not there when the run started"}\n')
+    error = assert_fails_cleanly(
+        Case(
+            "pretrain.py", args, r"train_files: the training data changed since .*checkpoint-2 was written", output_dir
+        ),
+        output_dir.parent,
+    )
+    assert f"{corpus} changed (" in error
+    assert "--start_over true" in error and "--allow_data_change true" in error
+    resumed = run_entry([*args, "--allow_data_change", "true"], output_dir.parent)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (
+        f"allow_data_change: resuming {output_dir}/checkpoint-2 on changed data ({'train_files: ' + str(corpus)}"
+        in (resumed.stdout)
+    )
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == 5 and summary["resumed_from"] == str(output_dir / "checkpoint-2")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
+import pytest
+
+from llmtrain.errors import StorageFull
 from llmtrain.run.checkpoints import (
     COMPLETE_MARKER,
     checkpoint_problem,
     file_sha256,
     find_resume_checkpoint,
+    reporting_full_disk,
     rotate,
     write_completion_marker,
 )
@@ -73,3 +78,14 @@ def test_rotation_keeps_the_newest_complete_and_clears_older_leftovers(tmp_path:
     assert sorted(p.name for p in deleted) == ["checkpoint-10", "checkpoint-25"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
     assert rotate(tmp_path, keep=None) == []
+
+
+def test_a_write_failing_on_a_full_disk_becomes_one_clear_error(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    full = r"the disk is full: writing .*checkpoint-4 failed \(\[Errno 28\].*MiB free"
+    with pytest.raises(StorageFull, match=full), reporting_full_disk(checkpoint):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    # Any other failure with space to spare is not a full disk and stays what it is.
+    with pytest.raises(RuntimeError, match="unrelated"), reporting_full_disk(checkpoint):
+        raise RuntimeError("unrelated")

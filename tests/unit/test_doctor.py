@@ -340,3 +340,16 @@ def test_entry_file_and_doctor_parse_with_the_same_stage(stage_name: str, monkey
     monkeypatch.setattr("llmtrain.tools.doctor.diagnosis.parse_args", record_parse)
     doctor.diagnose(split_cli([stage.entry_path.stem])[0], [], fast=True)  # the stage name the launcher passes
     assert parsed_with == [(stage.dataclass_types(), stage.default_config)] * 2
+
+
+def test_pickle_only_weights_are_an_error_before_anything_loads(tmp_path: Path, model_dir: Path) -> None:
+    weights = model_dir / "model.safetensors"
+    if weights.exists():
+        weights.unlink()
+    (model_dir / "pytorch_model.bin").write_bytes(b"never unpickled")
+    findings = doctor.diagnose("sft", ["--model_name_or_path", str(model_dir), *common(tmp_path)], fast=True)
+    assert [message for message in errors(findings, "model") if "holds its weights only as pickle" in message] == [
+        f"model_name_or_path: {model_dir} holds its weights only as pickle (pytorch_model.bin), which can run code "
+        "when loaded; only safetensors are read. Convert it once where you trust the file, e.g. "
+        "from_pretrained(dir, use_safetensors=False).save_pretrained(new_dir), which writes safetensors"
+    ]

@@ -28,7 +28,7 @@ def prepare_output_dir(args: TrainArguments, run_config: dict) -> RunStart:
     """What an entry point does around its data and model building: inspect, then open."""
     start = inspect_output_dir(args, run_config)
     if not start.already_finished:
-        open_output_dir(args, run_config, start)
+        open_output_dir(args, run_config, start).release()  # the entry point releases it when the run ends
     return start
 
 

@@ -1,12 +1,18 @@
-"""The tokenize-once cache: reuse, invalidation, tokenized_path and prepare-only hand-off."""
+"""The tokenize-once cache: reuse, invalidation, tokenized_path, prepare-only hand-off, damaged datasets."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 
+import datasets
 import pytest
 
 from llmtrain.config.arguments import PretrainDataArguments
+from llmtrain.data import cache
+from llmtrain.data.cache import META_FILE
 from llmtrain.data.pretrain import prepare_pretrain_data
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.tiny_default import train_tokenizer
@@ -76,3 +82,149 @@ def test_no_partial_dataset_is_left_when_building_fails(tmp_path: Path, tiny_tok
         prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
     assert not target.exists()
     assert not any(p.name.startswith(".prepared") for p in tmp_path.iterdir())
+
+
+# --- a damaged prepared dataset is never trusted ---
+
+ARROW = "train/data-00000-of-00001.arrow"
+
+
+def truncate(file: Path) -> tuple[int, int]:
+    """Keep the first half of ``file``'s bytes; return (new size, old size).
+
+    Datasets loaded from ``file`` are memory-mapped: read what a test compares before this
+    (reading a truncated mapping is a bus error).
+    """
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    return len(data) // 2, len(data)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_metadata_lists_every_file_with_size_and_hash(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
+    prepared = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    on_disk = {p.relative_to(prepared.path).as_posix(): p for p in prepared.path.rglob("*") if p.is_file()}
+    files = json.loads((prepared.path / META_FILE).read_text())["files"]
+    assert set(files) == set(on_disk) - {META_FILE}
+    assert {ARROW, "dataset_dict.json", "train/state.json"} <= set(files)
+    for name, entry in files.items():
+        assert entry["size"] == on_disk[name].stat().st_size
+        assert entry["sha256"] == hashlib.sha256(on_disk[name].read_bytes()).hexdigest()  # small: all hashed
+
+
+def test_large_dataset_records_sizes_only_for_its_arrow_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 200})})
+    splits.save_to_disk(str(tmp_path / "ds"))
+    monkeypatch.setattr(cache, "HASH_DATASET_BYTES", 100)  # everything above it counts as a multi-GB dataset
+    monkeypatch.setattr(cache, "HASH_SMALL_FILE_BYTES", 1000)
+    files = cache.file_manifest(tmp_path / "ds")
+    assert "sha256" not in files[ARROW] and "sha256" in files["train/state.json"]
+
+
+def test_truncated_arrow_in_the_cache_is_rebuilt_with_a_warning(
+    tmp_path: Path, corpus: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    ids = first.train["input_ids"][:]
+    size, expected = truncate(first.path / ARROW)
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.cache"):
+        again = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    assert again.built and again.path == first.path
+    assert again.train["input_ids"] == ids
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{ARROW}: {size} bytes, expected {expected}" in warnings[0], warnings
+    assert sorted(p.name for p in first.path.parent.iterdir()) == [first.path.name], "the damaged copy was left"
+    assert not prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer).built
+
+
+def test_truncated_tokenized_path_is_rebuilt_from_the_train_files_it_was_prepared_from(
+    tmp_path: Path, corpus: Path, tiny_tokenizer
+) -> None:
+    target = tmp_path / "prepared"
+    first = prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+    ids = first.train["input_ids"][:]
+    truncate(target / ARROW)
+    again = prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+    assert again.built and again.train["input_ids"] == ids
+
+
+def test_truncated_tokenized_path_without_its_raw_files_is_refused_and_left_alone(
+    tmp_path: Path, corpus: Path, tiny_tokenizer
+) -> None:
+    target = tmp_path / "prepared"
+    prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+    size, expected = truncate(target / ARROW)
+    corpus.unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+    message = str(refused.value)
+    assert message.startswith("tokenized_path: ") and f"{ARROW}: {size} bytes, expected {expected}" in message
+    assert "\n" not in message
+    assert snapshot(tmp_path) == before, "a refused dataset must not be touched"
+
+
+def test_truncated_tokenized_path_with_other_train_files_is_refused(
+    tmp_path: Path, corpus: Path, tiny_tokenizer
+) -> None:
+    """Only the files it was built from may replace it (e.g. not the demo corpus that unset train_files means)."""
+    target = tmp_path / "prepared"
+    prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+    truncate(target / ARROW)
+    other = write_jsonl(tmp_path / "other.jsonl", prose_records(40))
+    with pytest.raises(ConfigError, match=rf"tokenized_path: .*{ARROW}: .*not the unchanged ones.*corpus\.jsonl"):
+        prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target), train_files=[str(other)]), tiny_tokenizer)
+    assert (target / META_FILE).is_file()
+
+
+def test_deleted_file_is_detected(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
+    target = tmp_path / "prepared"
+    prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+    (target / "validation" / "state.json").unlink()
+    corpus.unlink()
+    with pytest.raises(ConfigError, match=r"tokenized_path: .*validation/state\.json: missing"):
+        prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("name", [ARROW, "train/state.json"])
+def test_same_size_corruption_of_a_small_file_is_caught_by_its_hash(
+    name: str, tmp_path: Path, corpus: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    ids = first.train["input_ids"][:]
+    damaged = first.path / name
+    data = bytearray(damaged.read_bytes())
+    data[-100] ^= 0x01  # one flipped bit; in the Arrow file it lands in the token ids: loads, silently wrong
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.cache"):
+        again = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    assert again.built and again.train["input_ids"] == ids
+    assert f"{name}: content differs from the SHA-256" in caplog.text
+
+
+def test_dataset_prepared_before_file_lists_is_checked_by_loading(
+    tmp_path: Path, corpus: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    meta_path = first.path / META_FILE
+    metadata = json.loads(meta_path.read_text())
+    del metadata["files"]
+    meta_path.write_text(json.dumps(metadata))
+    assert not prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer).built  # intact: reused as before
+    ids = first.train["input_ids"][:]
+    truncate(first.path / ARROW)
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.cache"):
+        again = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    assert again.built and again.train["input_ids"] == ids
+    assert f"{ARROW}: unreadable" in caplog.text
+    assert "files" in json.loads(meta_path.read_text()), "the rebuilt copy records its files"
+
+
+def test_unreadable_metadata_in_the_cache_is_rebuilt(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
+    first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    meta_path = first.path / META_FILE
+    meta_path.write_text(meta_path.read_text()[:40])
+    assert prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer).built
