@@ -1,7 +1,7 @@
-"""The command-line wrapper of every entry point and tool: console logging and exit codes.
+"""The command-line wrapper of every entry point and tool: console logging, exit codes, secret flags.
 
-Light on purpose (logging and :mod:`llmtrain.errors` only): ``python -m llmtrain.tools.chat``
-imports this, not the training stack.
+Light on purpose (logging, :mod:`llmtrain.errors` and :mod:`llmtrain.config.secrets` only):
+``python -m llmtrain.tools.chat`` imports this, not the training stack.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from llmtrain.config.secrets import redact_command_line
 from llmtrain.errors import (
     DIVERGED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
@@ -41,10 +42,24 @@ def setup_logging() -> None:
 
 def run_cli(main: Callable[[list[str]], None]) -> int:
     """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75,
-    a non-finite loss under ``nonfinite_policy: stop`` exit 3."""
+    a non-finite loss under ``nonfinite_policy: stop`` exit 3.
+
+    ``main`` gets a copy of the arguments; the process's own command line (``sys.argv`` and what
+    ``ps`` and SwanLab read) shows secret flag values as ``***`` from here on.
+    """
     setup_logging()
+    argv = sys.argv[1:]
+    redact_command_line()
+    code = _run(main, argv)
+    if code != 0 and "WORLD_SIZE" in os.environ:
+        # One rank of a launch: the launchers read this line when DeepSpeed's or torchrun's own code hides ours.
+        logger.warning("rank %s exits with return code = %d", os.environ.get("RANK", "?"), code)
+    return code
+
+
+def _run(main: Callable[[list[str]], None], argv: list[str]) -> int:
     try:
-        main(sys.argv[1:])
+        main(argv)
     except UserInputError as error:
         logger.error("%s", error)
         return USER_ERROR_EXIT_CODE

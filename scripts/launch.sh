@@ -16,8 +16,13 @@
 #   to the remote ranks) and exits, starting nothing.
 # Interruption: a SIGTERM, SIGINT or SIGHUP to this script or to its whole process group (scancel, timeout,
 # a k8s eviction, Ctrl-C) makes every rank finish its step, save a complete checkpoint and stop; the
-# launcher then exits 75 and the same command resumes. A second Ctrl-C kills the ranks at once.
-# The command line and the full log are written to <output_dir>/logs/.
+# launcher then exits 75 and the same command resumes. A second Ctrl-C kills the ranks at once. A SIGTERM
+# to the training processes alone (the ranks, or every Python process of the job) also ends in 75, not retried.
+# The command line and the full log are written to <output_dir>/logs/, secret flag values (--hub_token ...) shown
+# as *** there and on the console.
+# Before anything is written or started, the run config and output_dir are checked (scripts/output_dir.py): a
+# YAML file that is not valid, not UTF-8 or not a mapping, or an output_dir that cannot be made, ends with one
+# "launch: ..." line and exit 2.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,6 +73,14 @@ fi
 args=()
 if (( $# > 0 )) && [[ "$1" != -* ]]; then args+=("$1"); shift; fi
 args+=("${overrides[@]}" "$@")
+root_pythonpath="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# The run config (YAML syntax, UTF-8, a mapping) and the output dir (not a file, writable) are checked first;
+# nothing is written before this. A dry run runs no Python and skips it.
+if [[ "${DRY_RUN:-0}" != 1 ]]; then
+  output_dir=$(PYTHONPATH="$root_pythonpath" "$PYTHON" "$ROOT/scripts/output_dir.py" "$(basename "$ENTRY")" "${args[@]}") \
+    || exit $?
+fi
 
 # Under HOSTFILE, DeepSpeed's runner starts the remote ranks through pdsh and ssh, and passes on only
 # the variables with its own prefixes (PYTHON, MLFLOW, UCX, MV2; NCCL only when this node has a GPU).
@@ -152,7 +165,8 @@ else
 fi
 cmd=("${launcher[@]}" "$ENTRY" "${args[@]}")
 
-# DRY_RUN=1: print what would run and stop: nothing started, no output dir, no preflight.
+# DRY_RUN=1: print what would run and stop: nothing started, no output dir, no preflight. It runs no Python, so
+# secret flag values are printed as given (to this console only: a dry run records nothing).
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "dry run: gpus=$gpus ranks=$ranks gpus_from=$gpus_from hosts=$hosts"
   if (( ${#launcher_exports[@]} > 0 )); then echo "dry run: exports ${launcher_exports[*]}"; fi
@@ -164,11 +178,35 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   exit 0
 fi
 
-output_dir=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$ROOT/scripts/output_dir.py" "$(basename "$ENTRY")" "${args[@]}")
+# Secrets given as flags (llmtrain/config/secrets.py decides which: --hub_token, *_api_key, ...): the job runs the
+# real command, but what is recorded (logs/launch-*.sh, the "launch:" line) shows their values as ***, and the
+# job's and the preflight's output reach the console and the log through redact_output, which hides the same
+# values wherever they appear (DeepSpeed's launchers print every rank's command line).
+mapfile -d '' -t shown_cmd < <(PYTHONPATH="$root_pythonpath" "$PYTHON" -m llmtrain.config.secrets redact "${cmd[@]}")
+if (( ${#shown_cmd[@]} != ${#cmd[@]} )); then
+  echo "launch: could not hide the secret values of the command line (python -m llmtrain.config.secrets failed)" >&2
+  exit 1
+fi
+secret_values=()
+for index in "${!cmd[@]}"; do
+  [[ "${shown_cmd[index]}" == "${cmd[index]}" ]] && continue
+  if [[ "${shown_cmd[index]}" == "***" ]]; then secret_values+=("${cmd[index]}"); else secret_values+=("${cmd[index]#*=}"); fi
+done
+# redact_output [LOG]: stdin to stdout and appended to LOG, secret values hidden. One process (exec), so the
+# log copy of run_job is tee itself, or the filter itself: no bash subshell stays behind in the job's tree.
+redact_output() {
+  if (( ${#secret_values[@]} == 0 )); then
+    exec tee -a "$@"
+  else
+    LLMTRAIN_REDACT="$(printf '%s\n' "${secret_values[@]}")" PYTHONPATH="$root_pythonpath" \
+      exec "$PYTHON" -u -m llmtrain.config.secrets filter "$@"
+  fi
+}
+
 log_dir="$output_dir/logs"
 mkdir -p "$log_dir"
 stamp="$(date +%Y%m%d-%H%M%S)-node$NODE_RANK"
-printf '%q ' "${cmd[@]}" >"$log_dir/launch-$stamp.sh"
+printf '%q ' "${shown_cmd[@]}" >"$log_dir/launch-$stamp.sh"
 echo >>"$log_dir/launch-$stamp.sh"
 log="$log_dir/launch-$stamp.log"
 # One line to the console and the log, without a pipe: a signal to the process group cannot cut it.
@@ -176,7 +214,7 @@ say() {
   printf '%s\n' "$*"
   printf '%s\n' "$*" >>"$log"
 }
-say "launch: ${cmd[*]}"
+say "launch: ${shown_cmd[*]}"
 echo "log: $log"
 
 # --- Interruption ---------------------------------------------------------------------------------
@@ -259,8 +297,8 @@ trap 'on_stop_signal HUP' HUP
 # Preflight: config, GPUs vs ranks, tokenizer, data files, output dir, disk (python -m llmtrain.tools.doctor --fast).
 if [[ "${SKIP_DOCTOR:-0}" != 1 ]]; then
   set +e
-  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m llmtrain.tools.doctor "$(basename "$ENTRY" .py)" --fast \
-    "${args[@]}" 2>&1 | tee -a "$log"
+  PYTHONPATH="$root_pythonpath" "$PYTHON" -m llmtrain.tools.doctor "$(basename "$ENTRY" .py)" --fast \
+    "${args[@]}" 2>&1 | (redact_output "$log")
   status=${PIPESTATUS[0]}
   set -e
   if (( status != 0 )); then
@@ -281,11 +319,17 @@ newest_complete_step() {
   echo "$best"
 }
 
-# torchrun exits 1 whatever its workers' codes were; its failure report lists them ("exitcode  : 75").
-# When every failed worker agrees on one of our codes, that code is the run's.
+# The ranks' own exit code, where the launcher in between reports another. torchrun exits 1 whatever its workers'
+# codes ("exitcode  : 75" in its failure report). DeepSpeed's runner exits with its launch.py's code, which is the
+# first failing rank's ("... exits with return code = 75", logged per node; pdsh carries the remote nodes' lines
+# back, prefixed by the host), but is 1 when launch.py itself was signalled, and the runner dies (143) when it is.
+# Every rank also logs "rank N exits with return code = 75" (llmtrain/cli.py). Negative codes are ranks killed by
+# a signal, which the launchers send to the other ranks once one has stopped: ignored. When the codes left agree
+# on one of ours (2, 3, 75), that code is the run's.
 worker_exit_code() {
   local codes
-  codes=$(tail -n "+$1" "$log" | grep -oE 'exitcode *: *[0-9]+' | grep -oE '[0-9]+$' | sort -u)
+  codes=$(tail -n "+$1" "$log" | grep -oE '(exitcode *: *|exits with return code = )-?[0-9]+' \
+    | grep -oE -- '-?[0-9]+$' | grep -v -- '^-' | sort -u)
   [[ -n "$codes" && $(wc -l <<<"$codes") -eq 1 ]] && echo "$codes"
 }
 
@@ -295,7 +339,7 @@ run_job() {
   local fifo="$log_dir/.launch-$stamp.fifo" tee_pid
   rm -f "$fifo"
   mkfifo "$fifo"
-  (trap '' TERM INT HUP; exec tee -a "$log" <"$fifo") &
+  (trap '' TERM INT HUP; redact_output "$log" <"$fifo") &
   tee_pid=$!
   setsid "${cmd[@]}" >"$fifo" 2>&1 &
   job_pid=$!
@@ -320,14 +364,15 @@ run_job() {
 
 # A crashed run is restarted (it resumes by itself) up to MAX_RESTARTS times, but only while
 # each attempt leaves a newer complete checkpoint behind. Bad input (2), a non-finite loss under
-# nonfinite_policy: stop (3), preemption (75) and a stop signal are never retried.
+# nonfinite_policy: stop (3), preemption (75, also when only the ranks were signalled), a stop signal to this
+# script, and DeepSpeed's runner or torchrun killed by one (129, 130, 143) are never retried.
 export PYTHONUNBUFFERED=1
 restarts=0
 while true; do
   before=$(newest_complete_step)
   first_line=$(( $(wc -l <"$log") + 1 ))
   run_job
-  if (( status == 1 )) && [[ "${launcher[*]}" == *torch.distributed.run* ]]; then
+  if [[ ! "$status" =~ ^(0|2|3|75)$ ]]; then
     worker_status=$(worker_exit_code "$first_line" || true)
     [[ "$worker_status" =~ ^(2|3|75)$ ]] && status=$worker_status
   fi
@@ -349,7 +394,13 @@ while true; do
     0) exit 0 ;;
     2) say "launch: bad input or configuration (exit 2); not retrying"; exit 2 ;;
     3) say "launch: non-finite loss or gradients (exit 3); not retrying"; exit 3 ;;
-    75) say "launch: stopped on a signal after saving a complete checkpoint (exit 75); rerun to resume"; exit 75 ;;
+    75) say "launch: the ranks stopped on a signal after saving a complete checkpoint (step $(newest_complete_step))" \
+          "(exit 75); not retrying: rerun the same command to resume"
+        exit 75 ;;
+    129|130|143)  # DeepSpeed's runner or torchrun was itself stopped by SIGHUP/SIGINT/SIGTERM: a stop request
+        say "launch: the job was stopped by SIG$(kill -l $((status - 128))) (exit $status), not by this script;" \
+          "not retrying: rerun the same command to resume from the newest complete checkpoint (step $(newest_complete_step))"
+        exit "$status" ;;
   esac
   after=$(newest_complete_step)
   if (( after <= before )); then

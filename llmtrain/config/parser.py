@@ -7,7 +7,8 @@ overrides::
 
 Precedence, lowest first: dataclass defaults < the YAML file (or the stage's default YAML when
 none is given) < CLI overrides. A YAML key or CLI flag that no dataclass declares is an error
-naming it; cross-field rules live in each dataclass's ``__post_init__``.
+naming it; cross-field rules live in each dataclass's ``__post_init__``. The YAML file itself is
+read by :mod:`llmtrain.config.yaml_file` (``file:line`` errors), which the launchers share.
 """
 
 from __future__ import annotations
@@ -21,26 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import HfArgumentParser
 
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.config.secrets import is_secret_key, redact_secrets
+from llmtrain.config.yaml_file import read_run_config, split_config_path
 from llmtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-YAML_SUFFIXES = (".yaml", ".yml")
-
-
-def _yaml_key_lines(path: Path, text: str) -> dict[str, int]:
-    """Map each top-level key of a YAML mapping to its 1-based line number."""
-    node = yaml.compose(text)
-    if node is None:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{path}: a run config must be a mapping of field: value")
-    return {key.value: key.start_mark.line + 1 for key, _ in node.value}
 
 
 def yaml_to_argv(path: Path, parser: HfArgumentParser) -> list[str]:
@@ -55,25 +44,18 @@ def yaml_to_argv(path: Path, parser: HfArgumentParser) -> list[str]:
     >>> yaml_to_argv(p, HfArgumentParser(PretrainDataArguments))
     ['--block_size', '64', '--prepare_only', 'true']
     """
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        lines = _yaml_key_lines(path, text)
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from error
+    config = read_run_config(path)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     argv: list[str] = []
-    for key, value in values.items():
+    for key, value in config.values.items():
         if key not in actions:
-            raise ConfigError(f"{path}:{lines.get(str(key), '?')}: unknown key '{key}'")
+            raise ConfigError(f"{config.where(key)}: unknown key '{key}'")
         if value is None or value == []:  # unset: keep the field's default
             continue
         action = actions[key]
         if isinstance(value, list):
             if action.nargs not in ("+", "*"):
-                raise ConfigError(f"{path}:{lines[key]}: '{key}' takes a single value, not a list")
+                raise ConfigError(f"{config.where(key)}: '{key}' takes a single value, not a list")
             argv += [f"--{key}", *(_scalar_to_token(item) for item in value)]
         elif isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
@@ -86,27 +68,6 @@ def _scalar_to_token(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def split_config_path(argv: Sequence[str], default_config: Path | None) -> tuple[Path | None, list[str]]:
-    """Split ``[config.yaml] --k v ...`` into the config path (or the default) and the overrides.
-
-    DeepSpeed's launcher puts ``--local_rank=N`` before the script's own arguments; it is kept
-    as an override, after the config.
-
-    >>> split_config_path(["--local_rank=1", "run.yaml", "--seed", "3"], None)
-    (PosixPath('run.yaml'), ['--local_rank=1', '--seed', '3'])
-    """
-    rest = list(argv)
-    launcher_flags = []
-    while rest and rest[0].startswith("--local_rank="):
-        launcher_flags.append(rest.pop(0))
-    if rest and not rest[0].startswith("-"):
-        first = rest.pop(0)
-        if not first.endswith(YAML_SUFFIXES):
-            raise ConfigError(f"the first argument must be a .yaml run config or a --flag, got {first!r}")
-        return Path(first), launcher_flags + rest
-    return default_config, launcher_flags + rest
 
 
 def parse_args(

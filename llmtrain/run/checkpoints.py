@@ -28,6 +28,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmtrain.errors import StorageFull
+from llmtrain.paths import nearest_existing
 from llmtrain.run.faults import FaultInjector
 from llmtrain.run.manifest import write_manifest
 
@@ -48,9 +49,7 @@ def disk_full_problem(error: BaseException, path: Path) -> str | None:
     >>> disk_full_problem(RuntimeError("unrelated"), Path(tempfile.gettempdir())) is None  # plenty of space here
     True
     """
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path)
     free = shutil.disk_usage(existing).free
     out_of_space = isinstance(error, OSError) and error.errno == errno.ENOSPC
     if not out_of_space and free >= LOW_DISK_BYTES:

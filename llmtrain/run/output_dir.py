@@ -15,10 +15,8 @@ Output-dir rules, checked before anything is written:
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import yaml
 
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.errors import ConfigError
+from llmtrain.paths import writable_problem
 from llmtrain.run.checkpoints import find_resume_checkpoint, list_checkpoints
 from llmtrain.run.lock import LOCK_FILE, OutputDirLock, check_not_held
 from llmtrain.run.manifest import read_manifest
@@ -198,9 +197,11 @@ def new_run_id() -> str:
 def _differing_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
     if saved is None:
         return []
+    # Only keys both configs record: a key one of them lacks was added or dropped by another version of
+    # this project (or stopped being treated as a secret), not changed by the user.
     saved_identity, current_identity = run_identity(saved), run_identity(current)
-    keys = set(saved_identity) | set(current_identity)
-    return sorted(key for key in keys if saved_identity.get(key) != current_identity.get(key))
+    keys = set(saved_identity) & set(current_identity)
+    return sorted(key for key in keys if saved_identity[key] != current_identity[key])
 
 
 def _archive(output_dir: Path) -> None:
@@ -210,29 +211,3 @@ def _archive(output_dir: Path) -> None:
         if entry.name not in KEPT_ON_START_OVER:
             shutil.move(str(entry), archive / entry.name)
     logger.warning("start_over: moved the previous contents of %s to %s", output_dir, archive)
-
-
-def nearest_existing(path: Path) -> Path:
-    """``path`` or its closest ancestor that exists."""
-    path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def writable_problem(path: Path) -> str | None:
-    """Why files cannot be written at ``path`` (a directory, created if missing), or None when they can.
-
-    A probe file is created and deleted in ``path``, or in its nearest existing parent when ``path``
-    does not exist yet; nothing is created or left behind. Shared by the run and the preflight.
-    """
-    target = nearest_existing(path)
-    if not target.is_dir():
-        return f"{target} is not a directory, so {path} cannot be created there"
-    try:
-        descriptor, probe = tempfile.mkstemp(prefix=".llmtrain-probe-", dir=target)
-    except OSError as error:
-        return f"cannot write in {target} ({error.strerror or error})"
-    os.close(descriptor)
-    os.unlink(probe)
-    return None

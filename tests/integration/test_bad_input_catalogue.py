@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +25,9 @@ import torch
 from safetensors.torch import load_file as safetensors_load
 
 from llmtrain.errors import USER_ERROR_EXIT_CODE
+from llmtrain.run.lock import LOCK_FILE, OutputDirLock
 
-from ..conftest import prose_records, qa_conversations, run_entry, save_random_tiny_model, write_jsonl
+from ..conftest import REPO_ROOT, prose_records, qa_conversations, run_entry, save_random_tiny_model, write_jsonl
 
 GOOD_CHAT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
 
@@ -79,13 +84,14 @@ def sft_args(tmp: Path, base_model: Path, data: Path, output_dir: Path) -> list[
     ]  # fmt: skip
 
 
+def write_file(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
 def pretrain_case(content: str | bytes, extra: list[str], error: str) -> Callable[[Path, Path], Case]:
     def make(tmp: Path, base_model: Path) -> Case:
-        corpus = tmp / "corpus.jsonl"
-        if isinstance(content, bytes):
-            corpus.write_bytes(content)
-        else:
-            corpus.write_text(content)
+        corpus = write_file(tmp / "corpus.jsonl", content)
         return Case("pretrain.py", [*pretrain_args(tmp, corpus, tmp / "out"), *extra], error, tmp / "out")
 
     return make
@@ -116,6 +122,15 @@ def unknown_yaml_key(tmp: Path, base_model: Path) -> Case:
     corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(5))
     return Case("pretrain.py", [str(config), *pretrain_args(tmp, corpus, tmp / "out")], r"run\.yaml:2.*block_sise",
                 tmp / "out")  # fmt: skip
+
+
+def yaml_case(content: str | bytes, error: str) -> Callable[[Path, Path], Case]:
+    def make(tmp: Path, base_model: Path) -> Case:
+        config = write_file(tmp / "run.yaml", content)
+        corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(5))
+        return Case("pretrain.py", [str(config), *pretrain_args(tmp, corpus, tmp / "out")], error, tmp / "out")
+
+    return make
 
 
 def missing_config_file(tmp: Path, base_model: Path) -> Case:
@@ -159,6 +174,16 @@ def output_dir_is_a_file(tmp: Path, base_model: Path) -> Case:
     return Case("pretrain.py", pretrain_args(tmp, corpus, output_dir), error, output_dir)
 
 
+def output_dir_in_use(tmp: Path, base_model: Path) -> Case:
+    output_dir = tmp / "out"
+    output_dir.mkdir()
+    # Held by this (live) test process for the rest of the session, as a first launch would hold it.
+    OutputDirLock(output_dir / LOCK_FILE).acquire(run_id="the-first-launch")
+    corpus = write_jsonl(tmp / "corpus.jsonl", prose_records(5))
+    error = rf"output_dir .*out is in use by another launch: host {socket.gethostname()}, pid {os.getpid()}, started "
+    return Case("pretrain.py", pretrain_args(tmp, corpus, output_dir), error, output_dir)
+
+
 CASES: dict[str, Callable[[Path, Path], Case]] = {
     "malformed-json-line": pretrain_case('{"text": "fine"}\n{"text": oops}\n', [], r"corpus\.jsonl:2: invalid JSON"),
     "non-utf8-bytes": pretrain_case(b'{"text": "fine"}\n{"text": "caf\xe9"}\n', [], r"corpus\.jsonl:2: .*UTF-8"),
@@ -186,6 +211,14 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
         qa_conversations(40), ["--lora_target_modules", "q_proj,attn_qkv"],
         r"lora_target_modules: attn_qkv match\(es\) nothing in the model",
     ),
+    "conversations-not-a-list": sft_case(
+        [{"conversations": "hello"}], [], r"data\.jsonl:1: 'conversations' must be a list"
+    ),
+    "turn-without-content": sft_case(
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}], [],
+        r"data\.jsonl:1: turn 2 \(assistant\) has no content",
+    ),
+    "no-known-format": sft_case([{"prompt": "a", "completion": "b"}], [], r"data\.jsonl:1: record is in no known"),
     "conversation-opening-with-an-answer": sft_case(
         [GOOD_CHAT, {"conversations": [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"},
                                        {"from": "gpt", "value": "Hi again"}]}],
@@ -205,9 +238,21 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     ),
     "pickle-only-weights": pickle_only_model,
     "output-dir-is-a-file": output_dir_is_a_file,
+    "output-dir-in-use": output_dir_in_use,
     "tokenizer-without-chat-template": tokenizer_without_chat_template,
     "unknown-yaml-key": unknown_yaml_key,
     "missing-config-file": missing_config_file,
+    "yaml-tab-indent": yaml_case(
+        "learning_rate: 1.0e-4\n\tblock_size: 64\n", r"run\.yaml:2:1: invalid YAML: .*indents with spaces, not tabs"
+    ),
+    "yaml-top-level-list": yaml_case(
+        "- learning_rate: 1.0e-4\n", r"run\.yaml:1: a run config must be a mapping of field: value, not a list"
+    ),
+    "yaml-non-utf8": yaml_case(b"learning_rate: 1.0e-4\nrun_name: caf\xe9\n", r"run\.yaml:2:14: not UTF-8 text"),
+    "yaml-duplicate-key": yaml_case(
+        "learning_rate: 1.0e-4\nlearning_rate: 2.0e-4\n",
+        r"run\.yaml:2: 'learning_rate' is set twice \(first on line 1\)",
+    ),
     "output-dir-of-another-run": output_dir_of_another_run,
     "unwritable-output-dir": unwritable_output_dir,
 }  # fmt: skip
@@ -229,6 +274,13 @@ def snapshot(directory: Path) -> dict[str, str] | None:
 def assert_fails_cleanly(case: Case, tmp: Path) -> str:
     before = snapshot(case.output_dir)
     result = run_entry(case.args, tmp, entry=case.entry)
+    return check_clean_failure(case, tmp, result, before)
+
+
+def check_clean_failure(
+    case: Case, tmp: Path, result: subprocess.CompletedProcess[str], before: dict[str, str] | None
+) -> str:
+    """The one ERROR line of a run that failed as a bad input must: exit 2, no traceback, nothing written."""
     output = result.stdout + result.stderr
     assert result.returncode == USER_ERROR_EXIT_CODE, output[-4000:]
     errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
@@ -240,9 +292,41 @@ def assert_fails_cleanly(case: Case, tmp: Path) -> str:
     return errors[0]
 
 
+@dataclass
+class Attempt:
+    """One catalogue case as it was run: its case, folder, output-dir snapshot before, and the run (or its error)."""
+
+    case: Case | None
+    tmp: Path
+    before: dict[str, str] | None
+    result: subprocess.CompletedProcess[str] | BaseException
+
+
+@pytest.fixture(scope="module")
+def attempts(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Attempt]:
+    """Every catalogue case, run two at a time: each is a separate process spending most of its ~9 s on
+    imports, so two share the 2 cores of CI without slowing each other much, and the tier halves."""
+
+    def attempt(name: str) -> tuple[str, Attempt]:
+        tmp = tmp_path_factory.mktemp(name)
+        try:
+            case = CASES[name](tmp, base_model)
+            before = snapshot(case.output_dir)
+            return name, Attempt(case, tmp, before, run_entry(case.args, tmp, entry=case.entry))
+        except BaseException as error:  # reported by that case's test, not by every one
+            return name, Attempt(None, tmp, None, error)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(attempt, sorted(CASES)))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_fails_with_one_clear_error_and_writes_nothing(name: str, base_model: Path, tmp_path: Path) -> None:
-    assert_fails_cleanly(CASES[name](tmp_path, base_model), tmp_path)
+def test_bad_input_fails_with_one_clear_error_and_writes_nothing(name: str, attempts: dict[str, Attempt]) -> None:
+    attempt = attempts[name]
+    if isinstance(attempt.result, BaseException):
+        raise attempt.result
+    assert attempt.case is not None
+    check_clean_failure(attempt.case, attempt.tmp, attempt.result, attempt.before)
 
 
 def test_resuming_a_lora_run_with_changed_lora_settings_is_refused(
@@ -277,3 +361,18 @@ def test_data_edited_between_a_kill_and_the_resume_is_refused_unless_allowed(
     )
     summary = json.loads((output_dir / "train_summary.json").read_text())
     assert summary["global_step"] == 5 and summary["resumed_from"] == str(output_dir / "checkpoint-2")
+
+
+# The catalogue's cases beyond CASES: the two resume refusals above.
+RESUME_CASES = (
+    test_resuming_a_lora_run_with_changed_lora_settings_is_refused,
+    test_data_edited_between_a_kill_and_the_resume_is_refused_unless_allowed,
+)
+
+
+def test_the_readme_and_the_reliability_table_count_the_catalogue_as_it_is() -> None:
+    count = len(CASES) + len(RESUME_CASES)
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    reliability = (REPO_ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    assert re.findall(r"bad-input catalogue \((\d+) cases\)", readme) == [str(count)]
+    assert re.findall(r"A catalogue of (\d+) cases", reliability) == [str(count)]

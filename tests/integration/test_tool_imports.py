@@ -1,4 +1,5 @@
-"""What a tool pulls in: a chat answer must not import the training stack (DeepSpeed, the Trainer)."""
+"""What a tool pulls in: a chat answer must not import the training stack (DeepSpeed, the Trainer), and the
+launchers' output-dir check (scripts/output_dir.py, run before every launch) not even torch or transformers."""
 
 from __future__ import annotations
 
@@ -32,4 +33,29 @@ def test_inference_tools_do_not_import_the_training_stack(module: str, tmp_path:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout  # --help really ran
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == []
+
+
+# Runs scripts/output_dir.py as the launcher does and reports the heavy modules it imported.
+OUTPUT_DIR_PROBE = """
+import json, runpy, sys
+sys.argv = [{script!r}, "pretrain.py", "--output_dir", {output_dir!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as stop:
+    assert stop.code in (0, None), stop.code
+print(json.dumps(sorted(name for name in {stack!r} if name in sys.modules)), file=sys.stderr)
+"""
+
+
+def test_the_launchers_output_dir_check_does_not_import_torch_or_transformers(tmp_path: Path) -> None:
+    script = str(REPO_ROOT / "scripts" / "output_dir.py")
+    stack = (*TRAINING_STACK, "torch", "transformers")
+    probe = OUTPUT_DIR_PROBE.format(script=script, output_dir=str(tmp_path / "out"), stack=stack)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "out")  # it ran, and found the output dir
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from llmtrain.config.arguments import (
     TrainArguments,
 )
 from llmtrain.config.parser import parse_args, resolved_config
+from llmtrain.config.secrets import is_secret_key, redact_chunks, redact_secrets
 from llmtrain.errors import ConfigError
 from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
 
@@ -158,3 +160,48 @@ def test_pickled_training_args_carry_no_secret() -> None:
     assert train.hub_token == "hf_SECRET"  # still usable in this process
     assert b"hf_SECRET" not in pickle.dumps(train)
     assert train.dataloader_pin_memory is False
+
+
+def test_only_credentials_are_secret_keys() -> None:
+    import dataclasses
+
+    every_field = {
+        spec.name
+        for types in (STAGE_TYPES, (SFTDataArguments, FinetuneArguments))
+        for cls in types
+        for spec in dataclasses.fields(cls)
+    }
+    assert {name for name in every_field if is_secret_key(name)} == {"hub_token"}
+    # so the settings whose names merely contain "token" are saved with the run like any other
+    config = resolved_config(*parse(["--tokenized_path", "/data/tok", "--hub_token", "hf_SECRET"]))
+    assert config["tokenized_path"] == "/data/tok" and "average_tokens_across_devices" in config
+    assert "hub_token" not in config
+
+
+@pytest.mark.parametrize("flag", ["--hub_token", "--hub_token="], ids=["separate-value", "equals-sign"])
+def test_run_cli_hands_main_the_secret_but_the_process_command_line_hides_it(
+    flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmtrain.cli import run_cli
+
+    given = [*([flag, "hf_SECRET"] if not flag.endswith("=") else [flag + "hf_SECRET"]), "--seed", "3"]
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", *given])
+    seen: dict[str, list[str]] = {}
+
+    def main(argv: list[str]) -> None:
+        seen["argv"], seen["sys.argv"] = list(argv), list(sys.argv)
+
+    assert run_cli(main) == 0
+    assert seen["argv"] == given  # parsed with the real value
+    assert "hf_SECRET" not in " ".join(seen["sys.argv"])  # what SwanLab and anything else reading sys.argv sees
+    assert seen["sys.argv"][1:] == redact_secrets(given) and "***" in " ".join(seen["sys.argv"])
+
+
+def test_the_log_filter_hides_a_value_split_across_reads() -> None:
+    secret = b"hf_abcdef"
+    stream = b"cmd --hub_token hf_abcdef --x 1\n... hf_abcdef at the end"
+    for cut in range(1, len(stream)):
+        chunks = [stream[:cut], stream[cut:]]
+        assert b"".join(redact_chunks(chunks, [secret])) == stream.replace(secret, b"***")
+    # a partial match at the end is held back only until the stream ends: nothing is lost
+    assert list(redact_chunks([b"ok hf_ab"], [secret])) == [b"ok ", b"hf_ab"]

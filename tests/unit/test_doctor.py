@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -180,7 +182,7 @@ def test_refused_probe_file_is_an_error(tmp_path: Path, monkeypatch: pytest.Monk
     def refuse(**kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("llmtrain.run.output_dir.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("llmtrain.paths.tempfile.mkstemp", refuse)
     found = errors(doctor.diagnose("pretrain", common(tmp_path), fast=True), "output_dir")
     assert found == [f"output_dir: cannot write in {tmp_path} (Permission denied)"]
 
@@ -353,3 +355,22 @@ def test_pickle_only_weights_are_an_error_before_anything_loads(tmp_path: Path, 
         "when loaded; only safetensors are read. Convert it once where you trust the file, e.g. "
         "from_pretrained(dir, use_safetensors=False).save_pretrained(new_dir), which writes safetensors"
     ]
+
+
+def test_an_output_dir_held_by_a_live_launch_is_an_error(tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = subprocess.Popen(  # another live process holds the lock, as a running launch would
+        [sys.executable, "-c", "import time; from pathlib import Path; from llmtrain.run.lock import OutputDirLock; "
+         f"OutputDirLock(Path({str(busy / '.llmtrain.lock')!r})).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        argv = [*common(tmp_path), "--output_dir", str(busy)]
+        found = errors(doctor.diagnose("pretrain", argv, fast=True), "output_dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(found) == 1 and f"output_dir {busy} is in use by another launch: host " in found[0], found
+    assert f"pid {holder.pid}" in found[0]

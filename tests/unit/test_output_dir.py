@@ -105,6 +105,15 @@ def test_rerunning_a_finished_run_does_nothing(tmp_path: Path) -> None:
     assert start.already_finished
 
 
+def test_a_setting_only_one_version_records_is_no_difference(tmp_path: Path) -> None:
+    # A run finished by a version of this project that did not record end_of_turn_token (then taken
+    # for a secret) is still this run; a setting both record and that differs still is not.
+    finish_run(tmp_path, RUN)
+    assert prepare_output_dir(train_args(tmp_path), {**RUN, "end_of_turn_token": "<|im_end|>"}).already_finished
+    with pytest.raises(ConfigError, match="settings differ: learning_rate"):
+        prepare_output_dir(train_args(tmp_path), {**RUN, "learning_rate": 0.5, "end_of_turn_token": "<|im_end|>"})
+
+
 def test_start_over_moves_everything_aside_and_deletes_nothing(tmp_path: Path) -> None:
     finish_run(tmp_path, {**RUN, "learning_rate": 5e-4})
     make_checkpoint(tmp_path, 10)

@@ -19,7 +19,7 @@ its entry file's name). The config file and overrides are exactly those of ``pre
 * ``data``: every train/validation file resolves, is readable and its first record parses; without
   ``--fast`` one sample is also encoded (token and supervised-token counts);
 * ``output_dir`` (and the dataset cache): a probe file can be created and deleted there (or in its
-  nearest existing parent; nothing is created or left behind);
+  nearest existing parent; nothing is created or left behind), and no live launch holds its lock;
 * ``disk``: free space at ``output_dir`` against an estimate of the checkpoints the run keeps.
 
 ``--fast`` (what the launchers run before every start) reads no weights, makes no network request

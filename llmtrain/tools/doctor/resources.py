@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from llmtrain.config.arguments import ModelArguments, TrainArguments
-from llmtrain.run.output_dir import nearest_existing, writable_problem
+from llmtrain.paths import nearest_existing, writable_problem
 from llmtrain.tools.doctor.model import ParameterCounts
 from llmtrain.tools.doctor.report import OK, WARNING, PreflightError, Report
 
@@ -30,7 +30,7 @@ def check_writable(report: Report, path: Path, field_name: str) -> None:
     """Files can be written at ``path``: a probe is created and deleted there, or in its nearest existing parent.
 
     Raises :class:`PreflightError` as ``"{field_name}: {problem}"`` with the run's own wording
-    (:func:`llmtrain.run.output_dir.writable_problem`); nothing is created or left behind.
+    (:func:`llmtrain.paths.writable_problem`); nothing is created or left behind.
     """
     problem = writable_problem(path)
     if problem is not None:
