@@ -89,8 +89,9 @@ def synthesise(tokenizer: PreTrainedTokenizerBase, count: int, seed: int = 0) ->
             {"role": "user", "content": tokenizer.decode(stream[start : start + question]).strip() or "?"},
             {"role": "assistant", "content": tokenizer.decode(stream[start + question : start + body]).strip() or "!"},
         ]
-        encoded = encode_conversation(messages, tokenizer, IM_END)
-        samples.append({k: v[:SEQ_LEN] for k, v in encoded.items()})
+        samples.extend(
+            {k: v[:SEQ_LEN] for k, v in row.items()} for row in encode_conversation(messages, tokenizer, IM_END)
+        )
     return samples
 
 

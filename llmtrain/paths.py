@@ -17,6 +17,8 @@ REQUIREMENTS_FILE = PROJECT_ROOT / "requirements.txt"
 TOPOLOGY_SCRIPT = PROJECT_ROOT / "scripts" / "topology.sh"  # the launcher's GPU / rank rule, run by the doctor
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny"  # the tiny tokenizer and Qwen2 config (python -m llmtrain.tiny_default)
+# A Qwen3-style chat template for the tiny tokenizer: history renders without think blocks (not prefix-stable).
+TINY_THINK_TEMPLATE = ASSETS_DIR / "templates" / "tiny_think.jinja"
 DEMO_CORPUS_PATH = ASSETS_DIR / "demo" / "pretrain_corpus.jsonl"
 DEMO_CONVERSATIONS_PATH = ASSETS_DIR / "demo" / "sft_conversations.jsonl"
 

@@ -6,7 +6,9 @@ Contract of one encoded conversation (ChatML shown; any template works)::
     labels: -100 ...............................................  Hello!<|im_end|>  -100
 
 The whole conversation is rendered with the tokenizer's own chat template and tokenized in one
-call, so training sees exactly the tokens inference will see. A token is supervised iff its
+call, so training sees exactly the tokens inference will see. A template that renders an earlier
+answer differently once it is history (Qwen3 drops its think block) gives that answer a row of its
+own, rendered as inference renders it (:func:`supervised_char_spans`). A token is supervised iff its
 characters overlap an assistant message's content or the end-of-turn marker that closes it.
 Assistant spans are derived from the template itself by rendering prefixes: the generation
 prompt for turn *i* (messages before *i* + ``add_generation_prompt``) ends where the answer
@@ -52,46 +54,73 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], gene
     return text
 
 
+def first_difference(first: str, second: str, context: int = 24) -> str:
+    """Where two renderings part, each shown around the first differing character.
+
+    >>> first_difference("<a>Hi<b>", "<a>Ho<b>", context=3)
+    "at character 4: 'a>Hi<b' vs 'a>Ho<b'"
+    """
+    index = next(
+        (i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b), min(len(first), len(second))
+    )
+    window = slice(max(0, index - context), index + context)
+    return f"at character {index}: {first[window]!r} vs {second[window]!r}"
+
+
 def supervised_char_spans(
     messages: Sequence[Message],
     tokenizer: PreTrainedTokenizerBase,
     end_of_turn: str,
     last_turn_only: bool = False,
-) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages``; return the text and the character spans to supervise.
+    source: str = "",
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Render ``messages`` into training rows: each row's text and the character spans it supervises.
 
-    Each span runs from the start of an assistant message's content through the end-of-turn
-    marker that closes it (the newline after the marker is not included). Raises
-    :class:`ConfigError` when the template breaks the prefix property (the prompt rendered for
-    generation is not a prefix of the training text) or closes a turn without ``end_of_turn``.
+    Assistant turn *i* is trained in the context inference gives it: ``render(messages[:i],
+    add_generation_prompt=True)``, then supervised through the end-of-turn marker of
+    ``render(messages[:i+1])`` (the newline after the marker is not included). Where the template
+    renders turn *i* in the whole conversation exactly as it does as the last turn (ChatML, Qwen2.5:
+    prefix-stable), the turn is supervised inside the one row of the whole conversation. Where it
+    does not (Qwen3 renders an earlier answer without its think block once it is history), turn *i*
+    gets a row of its own, ``render(messages[:i+1])`` up to its marker, and is supervised there only.
+    Rows for such earlier turns come first; the whole conversation's row, which holds the last turn,
+    comes last. No turn is supervised twice and none is lost.
+
+    Raises :class:`ConfigError` when a turn's rendering does not continue its own generation
+    prompt (naming ``source``, the conversation's file:line, and the first difference) or closes a
+    turn without ``end_of_turn``.
 
     >>> from llmtrain.paths import TINY_MODEL_DIR
     >>> from transformers import AutoTokenizer
     >>> tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    >>> text, spans = supervised_char_spans(
+    >>> rows = supervised_char_spans(
     ...     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok, "<|im_end|>")
-    >>> [text[start:end] for start, end in spans]
-    ['Yo<|im_end|>']
+    >>> [[text[start:end] for start, end in spans] for text, spans in rows]
+    [['Yo<|im_end|>']]
     """
     text = render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    shared: list[tuple[int, int]] = []
+    own_rows: list[tuple[str, list[tuple[int, int]]]] = []
+    assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    for index in assistant_turns[-1:] if last_turn_only else assistant_turns:
         prompt = render(tokenizer, messages[:index], generation_prompt=True)
         through_turn = render(tokenizer, messages[: index + 1])
-        if not text.startswith(prompt) or not through_turn.startswith(prompt) or not text.startswith(through_turn):
+        if not through_turn.startswith(prompt):
+            where = f"{source}: " if source else ""
             raise ConfigError(
-                "tokenizer_name_or_path: the chat template's generation prompt is not a prefix of the rendered "
-                f"conversation (turn {index}); training and inference would see different tokens"
+                f"tokenizer_name_or_path: {where}the chat template renders assistant turn {index} so that its "
+                "generation prompt is not a prefix of it; training and inference would see different tokens "
+                f"(generation prompt vs the rendered turn, {first_difference(prompt, through_turn)})"
             )
         marker = through_turn.rfind(end_of_turn, len(prompt))
         if marker < 0:
             raise ConfigError(f"end_of_turn_token: the chat template closes assistant turns without {end_of_turn!r}")
-        spans.append((len(prompt), marker + len(end_of_turn)))
-    if last_turn_only:
-        spans = spans[-1:]
-    return text, spans
+        end = marker + len(end_of_turn)
+        if text.startswith(through_turn[:end]):
+            shared.append((len(prompt), end))
+        else:
+            own_rows.append((through_turn[:end], [(len(prompt), end)]))
+    return [*own_rows, (text, shared)] if shared or not own_rows else own_rows
 
 
 def labels_from_spans(
@@ -116,12 +145,19 @@ def encode_conversation(
     tokenizer: PreTrainedTokenizerBase,
     end_of_turn: str,
     last_turn_only: bool = False,
-) -> dict[str, list[int]]:
-    """Tokenize the rendered conversation in one call and build its labels (see module docstring)."""
-    text, spans = supervised_char_spans(messages, tokenizer, end_of_turn, last_turn_only)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    input_ids = list(encoding["input_ids"])
-    return {"input_ids": input_ids, "labels": labels_from_spans(input_ids, encoding["offset_mapping"], spans)}
+    source: str = "",
+) -> list[dict[str, list[int]]]:
+    """Each training row of the conversation (:func:`supervised_char_spans`), tokenized in one call with its labels.
+
+    One row for a prefix-stable template (see module docstring); under a template that renders
+    history differently (Qwen3), one more row for each earlier assistant turn.
+    """
+    rows = []
+    for text, spans in supervised_char_spans(messages, tokenizer, end_of_turn, last_turn_only, source):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        input_ids = list(encoding["input_ids"])
+        rows.append({"input_ids": input_ids, "labels": labels_from_spans(input_ids, encoding["offset_mapping"], spans)})
+    return rows
 
 
 def split_turns(messages: Sequence[Message]) -> tuple[list[Message], list[list[Message]]]:
@@ -149,27 +185,31 @@ def fit_conversation(
 ) -> dict[str, Any]:
     """Encode one conversation under the length policy; never cuts inside a message.
 
-    Returns ``input_ids``, ``labels``, ``dropped_turns`` and ``drop_reason`` ("" when kept).
-    ``drop_oldest_turns`` removes whole turns from the front (the system prompt stays) until it
-    fits; ``drop`` drops the sample; ``error`` raises :class:`DataError` naming ``source``.
+    Returns ``rows`` (see :func:`encode_conversation`), ``dropped_turns`` and ``drop_reason`` ("" when
+    kept). Every row must fit ``max_seq_length``: ``drop_oldest_turns`` removes whole turns from the
+    front (the system prompt stays) until they do; ``drop`` drops the sample; ``error`` raises
+    :class:`DataError` naming ``source``.
     """
     system, turns = split_turns(messages)
     dropped_turns = 0
     while True:
         kept = [*system, *(m for turn in turns[dropped_turns:] for m in turn)]
-        encoded = encode_conversation(kept, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only)
-        if len(encoded["input_ids"]) <= data_args.max_seq_length:
+        rows = encode_conversation(
+            kept, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only, source
+        )
+        longest = max(len(row["input_ids"]) for row in rows)
+        if longest <= data_args.max_seq_length:
             break
         if data_args.truncation_strategy == "error":
             raise DataError(
-                f"{source}: {len(encoded['input_ids'])} tokens exceed max_seq_length={data_args.max_seq_length} "
+                f"{source}: {longest} tokens exceed max_seq_length={data_args.max_seq_length} "
                 "(truncation_strategy: error)"
             )
         if data_args.truncation_strategy == "drop" or dropped_turns + 1 >= len(turns):
-            return {"input_ids": [], "labels": [], "dropped_turns": dropped_turns, "drop_reason": DROP_TOO_LONG}
+            return {"rows": [], "dropped_turns": dropped_turns, "drop_reason": DROP_TOO_LONG}
         dropped_turns += 1
-    supervised = any(label != IGNORE_INDEX for label in encoded["labels"])
-    return {**encoded, "dropped_turns": dropped_turns, "drop_reason": "" if supervised else DROP_NO_SUPERVISED}
+    supervised = any(label != IGNORE_INDEX for row in rows for label in row["labels"])
+    return {"rows": rows, "dropped_turns": dropped_turns, "drop_reason": "" if supervised else DROP_NO_SUPERVISED}
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -259,16 +299,6 @@ def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return cache_key({"tokenizer": tokenizer_fingerprint(tokenizer), "template": tokenizer.chat_template})
 
 
-SFT_CODE_VERSION = cache_key(
-    {
-        "source": "".join(
-            inspect.getsource(f)
-            for f in (supervised_char_spans, labels_from_spans, encode_conversation, fit_conversation, pack_batch)
-        )
-    }
-)
-
-
 def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, end_of_turn: str) -> int:
     """The end-of-turn token's id; a clear error when the tokenizer cannot do chat SFT."""
     if not tokenizer.chat_template:
@@ -290,7 +320,7 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
         "default_system_prompt": data_args.default_system_prompt,
         "end_of_turn_token": data_args.end_of_turn_token,
         "tokenizer": template_fingerprint(tokenizer),
-        "code_version": SFT_CODE_VERSION,
+        "code_version": sft_code_version(),
     }
     location = locate_prepared_data(data_args, compat, "sft", {})
 
@@ -300,11 +330,13 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
     prepared = load_or_build(location, compat, build, "tokenized_path")
     stats = prepared.metadata["stats"]
     logger.info(
-        "SFT data: %d train rows, %d eval rows; %d conversations kept, dropped %s, %d truncated "
-        "(%d turns removed); supervised share %.1f%% (%s)",
+        "SFT data: %d train rows, %d eval rows; %d conversations kept (%d trained in extra rows: %d tokens), "
+        "dropped %s, %d truncated (%d turns removed); supervised share %.1f%% (%s)",
         len(prepared.train),
         len(prepared.eval) if prepared.eval is not None else 0,
         stats["kept"],
+        stats.get("expanded_conversations", 0),
+        stats.get("extra_tokens", 0),
         stats["dropped"],
         stats["truncated_samples"],
         stats["dropped_turns"],
@@ -332,8 +364,10 @@ def _build(
     encoded_splits = {}
     for name, split in splits.items():
         encoded = split.map(
-            _encode_row,
+            _encode_batch,
             fn_kwargs={"tokenizer": tokenizer, "data_args": data_args},
+            batched=True,
+            batch_size=100,
             remove_columns=split.column_names,
             num_proc=data_args.preprocessing_num_workers,
             desc=f"encode {name} conversations",
@@ -348,7 +382,9 @@ def _build(
         truncated = pc.sum(pc.and_(pc.greater(dropped_turns, 0), pc.equal(encoded.data.column("drop_reason"), "")))
         stats["truncated_samples"] = stats.get("truncated_samples", 0) + int(truncated.as_py() or 0)
         encoded = encoded.filter(lambda reason: reason == "", input_columns="drop_reason")
-        encoded_splits[name] = encoded.remove_columns(["drop_reason", "dropped_turns"])
+        if name == "train":
+            stats.update(_expansion_stats(encoded))
+        encoded_splits[name] = encoded.remove_columns(["drop_reason", "dropped_turns", "expanded_rows", "extra_row"])
         if len(encoded_splits[name]) == 0:
             raise DataError(
                 f"{'train_files' if name == 'train' else 'validation data'}: no conversation is left to train on "
@@ -356,7 +392,6 @@ def _build(
                 f"max_seq_length={data_args.max_seq_length})"
             )
     train = encoded_splits["train"]
-    stats["kept"] = len(train)
     stats.update(check_masks(train, end_of_turn_id))
     stats["preview"] = preview(train[0]["input_ids"], train[0]["labels"], tokenizer)
     if data_args.packing:
@@ -372,8 +407,49 @@ def _build(
     return datasets.DatasetDict(encoded_splits), stats
 
 
-def _encode_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, data_args: SFTDataArguments) -> dict[str, Any]:
-    return fit_conversation(row["messages"], tokenizer, data_args, row["source"])
+def _encode_batch(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, data_args: SFTDataArguments
+) -> dict[str, list[Any]]:
+    """``datasets.map`` (batched): conversations -> their training rows, with what the counts need.
+
+    A conversation's first row carries its ``dropped_turns`` and ``expanded_rows`` (rows beyond
+    one); ``extra_row`` marks those beyond one. A dropped conversation keeps one empty row, for the counts.
+    """
+    columns = ("input_ids", "labels", "dropped_turns", "drop_reason", "expanded_rows", "extra_row")
+    out: dict[str, list[Any]] = {column: [] for column in columns}
+    for messages, source in zip(batch["messages"], batch["source"], strict=True):
+        fitted = fit_conversation(messages, tokenizer, data_args, source)
+        rows = fitted["rows"] or [{"input_ids": [], "labels": []}]
+        for position, row in enumerate(rows):
+            out["input_ids"].append(row["input_ids"])
+            out["labels"].append(row["labels"])
+            out["dropped_turns"].append(fitted["dropped_turns"] if position == 0 else 0)
+            out["drop_reason"].append(fitted["drop_reason"])
+            out["expanded_rows"].append(len(rows) - 1 if position == 0 else 0)
+            out["extra_row"].append(position < len(rows) - 1)
+    return out
+
+
+def _expansion_stats(encoded: datasets.Dataset) -> dict[str, int]:
+    """Kept conversations, and what training every turn in its inference context cost (see supervised_char_spans)."""
+    extra = encoded.data.column("extra_row")
+    lengths = pc.list_value_length(encoded.data.column("input_ids"))
+    expanded = pc.sum(pc.greater(encoded.data.column("expanded_rows"), 0)).as_py() or 0
+    stats = {
+        "kept": len(encoded) - int(pc.sum(extra).as_py() or 0),
+        "expanded_conversations": int(expanded),
+        "extra_rows": int(pc.sum(encoded.data.column("expanded_rows")).as_py() or 0),
+        "extra_tokens": int(pc.sum(pc.filter(lengths, extra)).as_py() or 0),
+    }
+    if stats["expanded_conversations"]:
+        logger.info(
+            "%d conversation(s) rendered earlier assistant turns differently as history (the chat template is not "
+            "prefix-stable): %d extra row(s), %d extra tokens, so each turn is trained in its inference context",
+            stats["expanded_conversations"],
+            stats["extra_rows"],
+            stats["extra_tokens"],
+        )
+    return stats
 
 
 def check_masks(encoded: datasets.Dataset, end_of_turn_id: int) -> dict[str, Any]:
@@ -402,3 +478,9 @@ def check_collated_batch(batch: dict[str, torch.Tensor]) -> None:
         raise DataError("a padding position carries a label; refusing to train")
     if "position_ids" in batch and (labels[batch["position_ids"] == 0] != IGNORE_INDEX).any():
         raise DataError("a packed sample's first token carries a label (it would be predicted across samples)")
+
+
+def sft_code_version() -> str:
+    """Hash of the encoding code: a prepared dataset built by other code is rebuilt, never reused."""
+    encoding_code = (supervised_char_spans, labels_from_spans, encode_conversation, fit_conversation, _encode_batch)
+    return cache_key({"source": "".join(inspect.getsource(f) for f in (*encoding_code, pack_batch))})

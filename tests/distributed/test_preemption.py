@@ -44,7 +44,7 @@ def test_a_killed_rank_is_restarted_by_the_launcher_which_finishes_the_run(tmp_p
     assert "restart 1/1 resumes from step" in output
     summary = read_summary(output_dir)
     assert summary["global_step"] == STEPS and summary["resumed_from"] is not None
-    assert json.loads((output_dir / "run_manifest.json").read_text())["global_step"] == 60
+    assert json.loads((output_dir / "run_manifest.json").read_text())["global_step"] == STEPS
 
 
 def test_a_crash_without_progress_is_not_retried(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def supervised_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
 def test_labels_follow_the_definition(tokenizer, name: str, fmt: str) -> None:
     record = as_format(CONVERSATIONS[name], fmt)
     messages = normalise_record(record, detect_format(record, "test"), "test")
-    encoded = encode_conversation(messages, tokenizer, EOT)
+    [encoded] = encode_conversation(messages, tokenizer, EOT)
     ids, labels = encoded["input_ids"], encoded["labels"]
 
     expected_ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
@@ -131,14 +131,14 @@ def test_labels_follow_the_definition(tokenizer, name: str, fmt: str) -> None:
 
 def test_newline_leading_answer_merges_with_the_header_newline_and_is_supervised(tokenizer) -> None:
     messages = CONVERSATIONS["newline-leading"][:2]
-    encoded = encode_conversation(messages, tokenizer, EOT)
+    [encoded] = encode_conversation(messages, tokenizer, EOT)
     first_supervised = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
     assert tokenizer.decode([encoded["input_ids"][first_supervised]]).startswith("\n")
 
 
 def test_last_turn_only_supervises_one_answer(tokenizer) -> None:
     messages = CONVERSATIONS["multi-turn"]
-    encoded = encode_conversation(messages, tokenizer, EOT, last_turn_only=True)
+    [encoded] = encode_conversation(messages, tokenizer, EOT, last_turn_only=True)
     runs = supervised_runs(encoded["input_ids"], encoded["labels"])
     assert [tokenizer.decode(run) for run in runs] == ["It ends every document." + EOT]
 
@@ -162,17 +162,18 @@ def long_conversation(turns: int) -> list[dict[str, str]]:
 def test_drop_oldest_turns_keeps_the_system_prompt_and_whole_answers(tiny_tokenizer) -> None:
     fitted = fit_conversation(long_conversation(6), tiny_tokenizer, sft_args(), "f.jsonl:1")
     assert fitted["drop_reason"] == "" and fitted["dropped_turns"] > 0
-    assert len(fitted["input_ids"]) <= 64
-    text = tiny_tokenizer.decode(fitted["input_ids"])
+    [row] = fitted["rows"]
+    assert len(row["input_ids"]) <= 64
+    text = tiny_tokenizer.decode(row["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.")
     assert "answer 5 " in text and "question 0 " not in text
-    kept_answers = [tiny_tokenizer.decode(r) for r in supervised_runs(fitted["input_ids"], fitted["labels"])]
+    kept_answers = [tiny_tokenizer.decode(r) for r in supervised_runs(row["input_ids"], row["labels"])]
     assert all(a.startswith("answer ") and a.endswith("word " + EOT) for a in kept_answers)
 
 
 def test_drop_and_error_strategies(tiny_tokenizer) -> None:
     dropped = fit_conversation(long_conversation(6), tiny_tokenizer, sft_args(truncation_strategy="drop"), "f:1")
-    assert dropped["drop_reason"] == "too_long" and dropped["input_ids"] == []
+    assert dropped["drop_reason"] == "too_long" and dropped["rows"] == []
     with pytest.raises(DataError, match=r"f\.jsonl:7: \d+ tokens exceed max_seq_length=64"):
         fit_conversation(long_conversation(6), tiny_tokenizer, sft_args(truncation_strategy="error"), "f.jsonl:7")
     one_huge_turn = long_conversation(1)
@@ -186,7 +187,7 @@ def test_conversation_without_an_assistant_turn_is_dropped_not_trained(tiny_toke
 
 
 def test_packing_restarts_position_ids_and_collators_keep_padding_unlabelled(tiny_tokenizer) -> None:
-    encoded = [encode_conversation(CONVERSATIONS[name], tiny_tokenizer, EOT) for name in ("system", "cjk")]
+    encoded = [encode_conversation(CONVERSATIONS[name], tiny_tokenizer, EOT)[0] for name in ("system", "cjk")]
     lengths = [len(e["input_ids"]) for e in encoded]
     packed = pack_batch({k: [e[k] for e in encoded] for k in ("input_ids", "labels")}, max_length=sum(lengths))
     assert len(packed["input_ids"]) == 1
@@ -209,7 +210,7 @@ def test_packed_loss_equals_per_sample_loss(tiny_tokenizer) -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL_DIR), attn_implementation="sdpa")
     model.config.use_cache = False
     model.train()  # the trap in STACK_NOTES bites in train mode; dropout is 0 in this config
-    samples = [encode_conversation(CONVERSATIONS[name], tiny_tokenizer, EOT) for name in sorted(CONVERSATIONS)]
+    samples = [encode_conversation(CONVERSATIONS[name], tiny_tokenizer, EOT)[0] for name in sorted(CONVERSATIONS)]
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for sample in samples:
@@ -239,7 +240,7 @@ def test_a_template_whose_generation_prompt_is_not_a_prefix_is_refused(tiny_toke
         "'<|im_start|>assistant\\n'", "'<|im_start|>assistant:\\n'"
     )
     assert broken.chat_template != tiny_tokenizer.chat_template
-    with pytest.raises(ConfigError, match="generation prompt is not a prefix"):
+    with pytest.raises(ConfigError, match="generation prompt is not a prefix of it"):
         encode_conversation(CONVERSATIONS["system"], broken, EOT)
     with pytest.raises(ConfigError, match="closes assistant turns without"):
         encode_conversation(CONVERSATIONS["system"], tiny_tokenizer, "<|not_a_marker|>")
@@ -251,7 +252,7 @@ def test_mask_check_refuses_unsupervised_data_and_a_never_supervised_end_of_turn
     from llmtrain.data.sft import check_masks
 
     eot_id = tiny_tokenizer.convert_tokens_to_ids(EOT)
-    good = encode_conversation(CONVERSATIONS["system"], tiny_tokenizer, EOT)
+    [good] = encode_conversation(CONVERSATIONS["system"], tiny_tokenizer, EOT)
     stats = check_masks(datasets.Dataset.from_list([good]), eot_id)
     assert 0 < stats["supervised_share"] < 1
     nothing = {"input_ids": good["input_ids"], "labels": [IGNORE_INDEX] * len(good["labels"])}

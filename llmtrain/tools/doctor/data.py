@@ -152,10 +152,13 @@ def _encode_sample(
         report.add(status, "data sample", f"{where}: {len(ids)} tokens + EOS ({len(content)} characters)")
         return
     assert isinstance(data_args, SFTDataArguments)
-    encoded = encode_conversation(content, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only)
-    tokens = len(encoded["input_ids"])
-    supervised = sum(label != IGNORE_INDEX for label in encoded["labels"])
-    message = f"{where}: {len(content)} messages, {tokens} tokens, {supervised} supervised"
+    rows = encode_conversation(
+        content, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only, where
+    )
+    tokens = max(len(row["input_ids"]) for row in rows)
+    supervised = sum(label != IGNORE_INDEX for row in rows for label in row["labels"])
+    in_rows = f" in {len(rows)} rows (the template renders history differently)" if len(rows) > 1 else ""
+    message = f"{where}: {len(content)} messages, {tokens} tokens{in_rows}, {supervised} supervised"
     if supervised == 0:
         report.add(WARNING, "data sample", f"{message}: no assistant token is supervised")
     elif tokens > data_args.max_seq_length:
