@@ -11,8 +11,9 @@ nor torch, so the launcher's check stays fast.
 >>> try:
 ...     read_run_config(path)
 ... except ConfigError as error:
-...     print(str(error).replace(str(path.parent), "DIR"))
-DIR/run.yaml:3:1: invalid YAML: found character '\\t' that cannot start any token (YAML indents with spaces, not tabs)
+...     message = str(error).replace(str(path.parent), "DIR")
+>>> message.split(" found character")[0], message.endswith("(YAML indents with spaces, not tabs)")
+('DIR/run.yaml:3:1: invalid YAML:', True)
 """
 
 from __future__ import annotations
