@@ -26,6 +26,19 @@ class DataError(UserInputError):
     """A data file is unreadable or malformed; the message names the file and, where known, the line."""
 
 
+class InvalidRecord(DataError):
+    """One record of a data file is unusable; ``where`` is its ``file:line`` and ``reason`` a short code to count by.
+
+    >>> str(InvalidRecord("a.jsonl:3", "blank_content", "turn 2 (gpt) has no content: 'value' is blank"))
+    "a.jsonl:3: turn 2 (gpt) has no content: 'value' is blank"
+    """
+
+    def __init__(self, where: str, reason: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.reason = reason
+
+
 class StorageFull(UserInputError):
     """The disk filled up while a checkpoint or the final model was written; the message names path and free space."""
 

@@ -6,7 +6,9 @@ import logging
 import re
 
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from llmtrain.config.arguments import FinetuneArguments
 from llmtrain.errors import ConfigError
@@ -21,6 +23,9 @@ LORA_PRESETS: dict[str, list[str] | str] = {
     "all-linear": "all-linear",
 }
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# The layer types peft's LoRA can wrap (the list in its "Target module ... is not supported" error, peft 0.21).
+# A name that matches only other modules, such as Qwen3's q_norm/k_norm (RMSNorm), would fail inside get_peft_model.
+LORA_WRAPPABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D, nn.MultiheadAttention)
 
 
 def num_layers(model: PreTrainedModel) -> int:
@@ -51,7 +56,7 @@ def resolve_layers(spec: str | None, total: int) -> list[int] | None:
 
 
 def resolve_target_modules(model: PreTrainedModel, spec: str, layers: list[int] | None) -> list[str] | str:
-    """Preset or explicit module names; every explicit name must match a Linear in the chosen layers."""
+    """Preset or explicit module names; every explicit name must match a layer LoRA can wrap in the chosen layers."""
     if spec in LORA_PRESETS:
         preset = LORA_PRESETS[spec]
         names = preset if isinstance(preset, list) else None
@@ -59,18 +64,29 @@ def resolve_target_modules(model: PreTrainedModel, spec: str, layers: list[int] 
         names = [name.strip() for name in spec.split(",") if name.strip()]
     if names is None:
         return "all-linear"
-    available = set()
-    for module_name, _ in model.named_modules():
+    available: set[str] = set()
+    not_wrappable: dict[str, str] = {}  # module name -> its type, for modules LoRA cannot wrap
+    for module_name, module in model.named_modules():
         match = LAYER_INDEX.search(module_name + ".")
         if layers is not None and (match is None or int(match.group(1)) not in layers):
             continue
-        available.add(module_name.rsplit(".", 1)[-1])
-    missing = [name for name in names if name not in available]
+        leaf = module_name.rsplit(".", 1)[-1]
+        if isinstance(module, LORA_WRAPPABLE):
+            available.add(leaf)
+        else:
+            not_wrappable.setdefault(leaf, type(module).__name__)
+    missing = [name for name in names if name not in available and name not in not_wrappable]
     if missing:
         raise ConfigError(
             f"lora_target_modules: {', '.join(missing)} match(es) nothing in the model"
             f"{' layers ' + str(layers) if layers is not None else ''}; module names include "
             f"{', '.join(sorted(n for n in available if n.endswith('proj')))}"
+        )
+    unwrappable = [f"{name} ({not_wrappable[name]})" for name in names if name not in available]
+    if unwrappable:
+        raise ConfigError(
+            f"lora_target_modules: {', '.join(unwrappable)} cannot carry a LoRA adapter (Linear and Embedding "
+            "layers can); to train such weights use finetuning_type full or partial"
         )
     return names
 

@@ -47,24 +47,32 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 
 
 def count_flop_params(config: PretrainedConfig) -> int:
-    """N of the 6N rule for a Qwen2-style config: every weight a token is multiplied by.
+    """N of the 6N rule for a Qwen2/Qwen3-style config: every weight a token is multiplied by.
 
-    Counted: q/k/v projections with their biases (k and v are ``num_key_value_heads * head_dim``
-    wide), o_proj, the gate/up/down MLP, both RMSNorms of every layer, the final norm, and the
+    Counted: q/k/v projections (k and v are ``num_key_value_heads * head_dim`` wide) with their
+    biases where the model has them (Qwen2 always, others per ``attention_bias``), o_proj, Qwen3's
+    q/k RMSNorms, the gate/up/down MLP, both RMSNorms of every layer, the final norm, and the
     output projection once (also when it is tied to the input embedding). Not counted: the input
     embedding table (a lookup, no multiply). For a tied model this equals the parameter count.
 
-    >>> from transformers import Qwen2Config
-    >>> count_flop_params(Qwen2Config(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
-    ...                               num_attention_heads=2, num_key_value_heads=1))
+    >>> from transformers import Qwen2Config, Qwen3Config, Qwen3ForCausalLM
+    >>> shape = dict(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+    ...              num_key_value_heads=1)
+    >>> count_flop_params(Qwen2Config(**shape))
     204
+    >>> qwen3 = Qwen3Config(**shape, head_dim=4, tie_word_embeddings=True)
+    >>> count_flop_params(qwen3) == sum(p.numel() for p in Qwen3ForCausalLM(qwen3).parameters())
+    True
     """
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
-    attention = (hidden * q_width + q_width) + 2 * (hidden * kv_width + kv_width) + q_width * hidden
+    has_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    biases = q_width + 2 * kv_width if has_bias else 0
+    qk_norms = 2 * head_dim if config.model_type.startswith("qwen3") else 0
+    attention = hidden * q_width + 2 * hidden * kv_width + biases + q_width * hidden + qk_norms
     mlp = 3 * hidden * config.intermediate_size
     norms = 2 * hidden
     per_layer = attention + mlp + norms

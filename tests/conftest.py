@@ -160,6 +160,46 @@ def save_random_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def save_random_tiny_qwen3_model(directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny Qwen3 (q/k norm, explicit head_dim) with the tiny tokenizer and its
+    Qwen3-style think template (not prefix-stable, renders reasoning_content), saved like a pretrained model."""
+    import torch
+    from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from llmtrain.paths import TINY_THINK_TEMPLATE
+
+    tiny = AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    config = Qwen3Config(
+        vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=True,
+        eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(config).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tokenizer.chat_template = TINY_THINK_TEMPLATE.read_text(encoding="utf-8")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def reasoning_conversations(count: int) -> list[dict[str, object]]:
+    """OpenAI-format conversations whose answers carry ``reasoning_content``, half of them two answers long."""
+    records: list[dict[str, object]] = []
+    for i in range(count):
+        messages = [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"It is {2 * i}.", "reasoning_content": f"{i} and {i} make {2 * i}."},
+        ]
+        if i % 2 == 0:
+            messages += [
+                {"role": "user", "content": "And doubled?"},
+                {"role": "assistant", "content": f"It is {4 * i}.", "reasoning_content": f"Twice {2 * i}."},
+            ]
+        records.append({"messages": messages})
+    return records
+
+
 def qa_conversations(count: int) -> list[dict[str, object]]:
     """Short ShareGPT-format conversations (Belle's human/gpt speakers), some multi-turn."""
     records: list[dict[str, object]] = []

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from llmtrain.config.secrets import is_secret_key
+from llmtrain.config.template_kwargs import parse_template_kwargs
 from llmtrain.errors import ConfigError
 from llmtrain.paths import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR
 
@@ -34,6 +35,7 @@ TRUNCATION_STRATEGIES = ("drop_oldest_turns", "drop", "error")
 FINETUNING_TYPES = ("full", "lora", "partial")
 NONFINITE_POLICIES = ("stop", "skip")
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "standard")
+INVALID_RECORD_POLICIES = ("error", "skip")
 # ZeRO-3 keys that make the Trainer's save gather the partitioned weights into one model file (the second is
 # DeepSpeed's older spelling).
 ZERO3_GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")
@@ -205,12 +207,40 @@ class SFTDataArguments(DataArguments):
     end_of_turn_token: str = field(
         default="<|im_end|>", metadata={"help": "Token closing each turn in the chat template; it is supervised."}
     )
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keywords the chat template reads, as a JSON object (YAML: a mapping), e.g. "
+            '{"enable_thinking": false}; recorded with the model, so llmtrain.tools.chat renders alike.'
+        },
+    )
+    invalid_records: str = field(
+        default="error",
+        metadata={
+            "help": "A record that is not a usable conversation: error stops with its file:line; skip leaves it "
+            "out, counted by reason (log and run manifest), within max_invalid_share.",
+            "choices": INVALID_RECORD_POLICIES,
+        },
+    )
+    max_invalid_share: float = field(
+        default=0.01,
+        metadata={"help": "invalid_records: skip refuses to start when more than this share of records is bad."},
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
         self._check_common(DEMO_CONVERSATIONS_PATH, "demo conversations")
         if self.max_seq_length < 8:
             raise ConfigError(f"max_seq_length must be at least 8, got {self.max_seq_length}")
+        if not 0.0 <= self.max_invalid_share < 1.0:
+            raise ConfigError(f"max_invalid_share must be in [0, 1), got {self.max_invalid_share}")
+        self.chat_template_kwargs = parse_template_kwargs(self.chat_template_kwargs)
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """``chat_template_kwargs`` as keywords for ``apply_chat_template`` (empty when unset)."""
+        assert not isinstance(self.chat_template_kwargs, str)  # parsed in __post_init__
+        return dict(self.chat_template_kwargs or {})
 
 
 @dataclass

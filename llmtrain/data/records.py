@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmtrain.errors import DataError
+from llmtrain.errors import DataError, InvalidRecord
 
 UTF8_BOM = b"\xef\xbb\xbf"
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -42,12 +42,13 @@ def decode_line(raw_line: bytes, where: str) -> str:
     >>> decode_line(b"caf\\xe9 au lait", "c.txt:2")
     Traceback (most recent call last):
     ...
-    llmtrain.errors.DataError: c.txt:2: not valid UTF-8 (invalid continuation byte at byte 3 of the line)
+    llmtrain.errors.InvalidRecord: c.txt:2: not valid UTF-8 (invalid continuation byte at byte 3 of the line)
     """
     try:
         return raw_line.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{where}: not valid UTF-8 ({error.reason} at byte {error.start} of the line)") from error
+        problem = f"not valid UTF-8 ({error.reason} at byte {error.start} of the line)"
+        raise InvalidRecord(where, "invalid_utf8", problem) from error
 
 
 def parse_json_line(line: str, where: str) -> object:
@@ -58,30 +59,33 @@ def parse_json_line(line: str, where: str) -> object:
     >>> parse_json_line('{"text": ', "a.jsonl:7")
     Traceback (most recent call last):
     ...
-    llmtrain.errors.DataError: a.jsonl:7: invalid JSON (Expecting value, column 10)
+    llmtrain.errors.InvalidRecord: a.jsonl:7: invalid JSON (Expecting value, column 10)
     >>> parse_json_line('{"text": "\\\\ud800"}', "a.jsonl:2")
     Traceback (most recent call last):
     ...
-    llmtrain.errors.DataError: a.jsonl:2: a lone UTF-16 surrogate escape ('\\ud800') is not text
+    llmtrain.errors.InvalidRecord: a.jsonl:2: a lone UTF-16 surrogate escape ('\\ud800') is not text
     """
     try:
         value = json.loads(line)
     except json.JSONDecodeError as error:
-        raise DataError(f"{where}: invalid JSON ({error.msg}, column {error.colno})") from error
+        raise InvalidRecord(where, "invalid_json", f"invalid JSON ({error.msg}, column {error.colno})") from error
     if "\\ud" in line.lower():  # JSON may escape a lone UTF-16 surrogate, which is no text at all
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as error:
             surrogate = error.object[error.start]
-            raise DataError(f"{where}: a lone UTF-16 surrogate escape ({surrogate!r}) is not text") from error
+            problem = f"a lone UTF-16 surrogate escape ({surrogate!r}) is not text"
+            raise InvalidRecord(where, "invalid_json", problem) from error
     return value
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[str, object]]:
+def iter_json_records(path: Path, yield_invalid: bool = False) -> Iterator[tuple[str, object]]:
     """Yield ``(where, record)`` for every record of a JSON-lines file or ``.json`` array, in order.
 
     JSON lines are streamed (memory bounded by the longest line); an array is parsed whole.
-    Raises :class:`DataError` naming ``path`` and the line for invalid UTF-8 or JSON.
+    Raises :class:`DataError` naming ``path`` and the line for invalid UTF-8 or JSON; with
+    ``yield_invalid``, a JSON line that cannot be read is yielded as ``(where, InvalidRecord)``
+    instead and reading goes on (a broken ``.json`` array still raises: it has no next record).
 
     >>> import tempfile
     >>> p = Path(tempfile.mkdtemp()) / "d.jsonl"; _ = p.write_bytes(b'{"a": 1}\\n\\n[2]\\n')
@@ -91,7 +95,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, object]]:
     if is_json_array(path):
         yield from _array_records(path)
         return
-    for found in _line_records(path, budget_bytes=None):
+    for found in _line_records(path, budget_bytes=None, yield_invalid=yield_invalid):
         assert found is not None  # only a byte budget cuts the file short
         yield found
 
@@ -110,7 +114,9 @@ def first_json_record(path: Path, max_bytes: int) -> tuple[str, object] | None:
     raise DataError(f"{path}: the file holds no records")
 
 
-def _line_records(path: Path, budget_bytes: int | None) -> Iterator[tuple[str, object] | None]:
+def _line_records(
+    path: Path, budget_bytes: int | None, yield_invalid: bool = False
+) -> Iterator[tuple[str, object] | None]:
     """``(path:LINE, record)`` per non-blank line; a single None once ``budget_bytes`` are read."""
     read = 0
     with path.open("rb") as stream:
@@ -124,9 +130,16 @@ def _line_records(path: Path, budget_bytes: int | None) -> Iterator[tuple[str, o
             if number == 1:
                 raw_line = raw_line.removeprefix(UTF8_BOM)
             where = f"{path}:{number}"
-            line = decode_line(raw_line, where)
+            try:
+                line = decode_line(raw_line, where)
+                record = parse_json_line(line, where) if line.strip() else None
+            except InvalidRecord as invalid:
+                if not yield_invalid:
+                    raise
+                yield where, invalid
+                continue
             if line.strip():
-                yield where, parse_json_line(line, where)
+                yield where, record
 
 
 def _array_records(path: Path) -> Iterator[tuple[str, object]]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,10 @@ from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
 from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
-from llmtrain.data.conversations import Message, read_conversation_files
+from llmtrain.data.conversations import REASONING_KEY, Message, read_conversation_files, template_messages
 from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
-from llmtrain.errors import ConfigError, DataError
+from llmtrain.errors import ConfigError, DataError, InvalidRecord
 from llmtrain.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,38 @@ logger = logging.getLogger(__name__)
 DROP_TOO_LONG = "too_long"
 DROP_NO_SUPERVISED = "no_supervised_tokens"
 PREVIEW_OPEN, PREVIEW_CLOSE = "[[", "]]"
+INVALID_LOCATIONS_SHOWN = 5  # first bad records named in the log and the manifest
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], generation_prompt: bool = False) -> str:
-    """The tokenizer's chat template applied to ``messages``, as text."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+def render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    generation_prompt: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """The tokenizer's chat template applied to ``messages``, as text; ``template_kwargs`` reach the template."""
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt, **(template_kwargs or {})
+    )
     assert isinstance(text, str)
     return text
+
+
+def drop_trailing_user_turns(messages: Sequence[Message]) -> tuple[list[Message], int]:
+    """``messages`` without the user messages after the last answer, and how many were removed.
+
+    A trailing question has no answer to learn; kept, it would only be dead context (and could make
+    ``drop_oldest_turns`` drop a conversation whose last answered pair fits).
+
+    >>> kept, removed = drop_trailing_user_turns([{"role": "user", "content": "a"},
+    ...     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+    >>> [m["content"] for m in kept], removed
+    (['a', 'b'], 1)
+    """
+    end = len(messages)
+    while end > 0 and messages[end - 1]["role"] == "user":
+        end -= 1
+    return list(messages[:end]), len(messages) - end
 
 
 def first_difference(first: str, second: str, context: int = 24) -> str:
@@ -73,6 +99,7 @@ def supervised_char_spans(
     end_of_turn: str,
     last_turn_only: bool = False,
     source: str = "",
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, list[tuple[int, int]]]]:
     """Render ``messages`` into training rows: each row's text and the character spans it supervises.
 
@@ -86,9 +113,13 @@ def supervised_char_spans(
     Rows for such earlier turns come first; the whole conversation's row, which holds the last turn,
     comes last. No turn is supervised twice and none is lost.
 
+    An answer's ``reasoning_content`` must be rendered inside its supervised span (Qwen3's
+    templates put it in a think block); a template that drops it raises :class:`DataError` naming
+    ``source`` instead of training on an answer without its reasoning.
+
     Raises :class:`ConfigError` when a turn's rendering does not continue its own generation
     prompt (naming ``source``, the conversation's file:line, and the first difference) or closes a
-    turn without ``end_of_turn``.
+    turn without ``end_of_turn``. ``template_kwargs`` (e.g. ``enable_thinking``) reach every render.
 
     >>> from llmtrain.paths import TINY_MODEL_DIR
     >>> from transformers import AutoTokenizer
@@ -98,24 +129,37 @@ def supervised_char_spans(
     >>> [[text[start:end] for start, end in spans] for text, spans in rows]
     [['Yo<|im_end|>']]
     """
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, template_kwargs=template_kwargs)
+    where = f"{source}: " if source else ""
     shared: list[tuple[int, int]] = []
     own_rows: list[tuple[str, list[tuple[int, int]]]] = []
     assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
     for index in assistant_turns[-1:] if last_turn_only else assistant_turns:
-        prompt = render(tokenizer, messages[:index], generation_prompt=True)
-        through_turn = render(tokenizer, messages[: index + 1])
+        prompt = render(tokenizer, messages[:index], generation_prompt=True, template_kwargs=template_kwargs)
+        through_turn = render(tokenizer, messages[: index + 1], template_kwargs=template_kwargs)
+        reasoning = (messages[index].get(REASONING_KEY) or "").strip()
         if not through_turn.startswith(prompt):
-            where = f"{source}: " if source else ""
+            hint = (
+                f"; the turn has {REASONING_KEY} but the generation prompt closes the think block (is thinking "
+                "turned off in chat_template_kwargs?)"
+                if reasoning
+                else ""
+            )
             raise ConfigError(
                 f"tokenizer_name_or_path: {where}the chat template renders assistant turn {index} so that its "
                 "generation prompt is not a prefix of it; training and inference would see different tokens "
-                f"(generation prompt vs the rendered turn, {first_difference(prompt, through_turn)})"
+                f"(generation prompt vs the rendered turn, {first_difference(prompt, through_turn)}){hint}"
             )
         marker = through_turn.rfind(end_of_turn, len(prompt))
         if marker < 0:
             raise ConfigError(f"end_of_turn_token: the chat template closes assistant turns without {end_of_turn!r}")
         end = marker + len(end_of_turn)
+        if reasoning and reasoning not in through_turn[len(prompt) : end]:
+            raise DataError(
+                f"{where}assistant turn {index} has {REASONING_KEY}, but the chat template does not render it "
+                "in the answer, so it would be dropped without a word; use a template that renders reasoning "
+                "(Qwen3's), or put the reasoning into the content"
+            )
         if text.startswith(through_turn[:end]):
             shared.append((len(prompt), end))
         else:
@@ -146,6 +190,7 @@ def encode_conversation(
     end_of_turn: str,
     last_turn_only: bool = False,
     source: str = "",
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, list[int]]]:
     """Each training row of the conversation (:func:`supervised_char_spans`), tokenized in one call with its labels.
 
@@ -153,7 +198,8 @@ def encode_conversation(
     history differently (Qwen3), one more row for each earlier assistant turn.
     """
     rows = []
-    for text, spans in supervised_char_spans(messages, tokenizer, end_of_turn, last_turn_only, source):
+    spans_per_row = supervised_char_spans(messages, tokenizer, end_of_turn, last_turn_only, source, template_kwargs)
+    for text, spans in spans_per_row:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         input_ids = list(encoding["input_ids"])
         rows.append({"input_ids": input_ids, "labels": labels_from_spans(input_ids, encoding["offset_mapping"], spans)})
@@ -185,17 +231,26 @@ def fit_conversation(
 ) -> dict[str, Any]:
     """Encode one conversation under the length policy; never cuts inside a message.
 
-    Returns ``rows`` (see :func:`encode_conversation`), ``dropped_turns`` and ``drop_reason`` ("" when
-    kept). Every row must fit ``max_seq_length``: ``drop_oldest_turns`` removes whole turns from the
-    front (the system prompt stays) until they do; ``drop`` drops the sample; ``error`` raises
+    Returns ``rows`` (see :func:`encode_conversation`), ``dropped_turns``, ``trailing_user_turns``
+    (user messages after the last answer, removed first) and ``drop_reason`` ("" when kept). Every
+    row must fit ``max_seq_length``: ``drop_oldest_turns`` removes whole turns from the front (the
+    system prompt stays) until they do; ``drop`` drops the sample; ``error`` raises
     :class:`DataError` naming ``source``.
     """
-    system, turns = split_turns(messages)
+    answered, trailing_user_turns = drop_trailing_user_turns(template_messages(messages))
+    if not any(message["role"] == "assistant" for message in answered):
+        return {"rows": [], "dropped_turns": 0, "trailing_user_turns": 0, "drop_reason": DROP_NO_SUPERVISED}
+    system, turns = split_turns(answered)
     dropped_turns = 0
     while True:
         kept = [*system, *(m for turn in turns[dropped_turns:] for m in turn)]
         rows = encode_conversation(
-            kept, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only, source
+            kept,
+            tokenizer,
+            data_args.end_of_turn_token,
+            data_args.train_on_last_turn_only,
+            source,
+            data_args.template_kwargs,
         )
         longest = max(len(row["input_ids"]) for row in rows)
         if longest <= data_args.max_seq_length:
@@ -206,10 +261,20 @@ def fit_conversation(
                 "(truncation_strategy: error)"
             )
         if data_args.truncation_strategy == "drop" or dropped_turns + 1 >= len(turns):
-            return {"rows": [], "dropped_turns": dropped_turns, "drop_reason": DROP_TOO_LONG}
+            return {
+                "rows": [],
+                "dropped_turns": dropped_turns,
+                "trailing_user_turns": trailing_user_turns,
+                "drop_reason": DROP_TOO_LONG,
+            }
         dropped_turns += 1
     supervised = any(label != IGNORE_INDEX for row in rows for label in row["labels"])
-    return {"rows": rows, "dropped_turns": dropped_turns, "drop_reason": "" if supervised else DROP_NO_SUPERVISED}
+    return {
+        "rows": rows,
+        "dropped_turns": dropped_turns,
+        "trailing_user_turns": trailing_user_turns,
+        "drop_reason": "" if supervised else DROP_NO_SUPERVISED,
+    }
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -319,6 +384,9 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
         "truncation_strategy": data_args.truncation_strategy,
         "default_system_prompt": data_args.default_system_prompt,
         "end_of_turn_token": data_args.end_of_turn_token,
+        "chat_template_kwargs": data_args.template_kwargs,
+        "invalid_records": data_args.invalid_records,
+        "max_invalid_share": data_args.max_invalid_share,
         "tokenizer": template_fingerprint(tokenizer),
         "code_version": sft_code_version(),
     }
@@ -344,6 +412,8 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
         prepared.path,
     )
     logger.info("encoded sample (supervised spans in [[ ]]):\n%s", stats["preview"])
+    if stats.get("invalid_records", {}).get("skipped"):
+        logger.warning("%s", describe_invalid_records(stats["invalid_records"]))
     return prepared
 
 
@@ -354,13 +424,19 @@ def _build(
     validation_files: list[Path],
     end_of_turn_id: int,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    conversations = read_conversation_files(train_files, data_args.default_system_prompt)
+    skipped: list[InvalidRecord] | None = [] if data_args.invalid_records == "skip" else None
+    conversations = read_conversation_files(train_files, data_args.default_system_prompt, skipped)
     validation = (
-        read_conversation_files(validation_files, data_args.default_system_prompt) if validation_files else None
+        read_conversation_files(validation_files, data_args.default_system_prompt, skipped)
+        if validation_files
+        else None
     )
     splits = train_validation_splits(conversations, validation, data_args.validation_split_percentage, "conversations")
 
     stats: dict[str, Any] = {"conversations": sum(len(split) for split in splits.values())}
+    if skipped is not None:
+        stats["invalid_records"] = invalid_record_stats(skipped, stats["conversations"] + len(skipped))
+        check_invalid_share(stats["invalid_records"], data_args.max_invalid_share)
     encoded_splits = {}
     for name, split in splits.items():
         encoded = split.map(
@@ -379,12 +455,16 @@ def _build(
             stats["dropped"][reason] = stats["dropped"].get(reason, 0) + count
         dropped_turns = encoded.data.column("dropped_turns")
         stats["dropped_turns"] = stats.get("dropped_turns", 0) + int(pc.sum(dropped_turns).as_py() or 0)
+        trailing = int(pc.sum(encoded.data.column("trailing_user_turns")).as_py() or 0)
+        stats["trailing_user_turns_removed"] = stats.get("trailing_user_turns_removed", 0) + trailing
         truncated = pc.sum(pc.and_(pc.greater(dropped_turns, 0), pc.equal(encoded.data.column("drop_reason"), "")))
         stats["truncated_samples"] = stats.get("truncated_samples", 0) + int(truncated.as_py() or 0)
         encoded = encoded.filter(lambda reason: reason == "", input_columns="drop_reason")
         if name == "train":
             stats.update(_expansion_stats(encoded))
-        encoded_splits[name] = encoded.remove_columns(["drop_reason", "dropped_turns", "expanded_rows", "extra_row"])
+        encoded_splits[name] = encoded.remove_columns(
+            ["drop_reason", "dropped_turns", "trailing_user_turns", "expanded_rows", "extra_row"]
+        )
         if len(encoded_splits[name]) == 0:
             raise DataError(
                 f"{'train_files' if name == 'train' else 'validation data'}: no conversation is left to train on "
@@ -415,7 +495,15 @@ def _encode_batch(
     A conversation's first row carries its ``dropped_turns`` and ``expanded_rows`` (rows beyond
     one); ``extra_row`` marks those beyond one. A dropped conversation keeps one empty row, for the counts.
     """
-    columns = ("input_ids", "labels", "dropped_turns", "drop_reason", "expanded_rows", "extra_row")
+    columns = (
+        "input_ids",
+        "labels",
+        "dropped_turns",
+        "trailing_user_turns",
+        "drop_reason",
+        "expanded_rows",
+        "extra_row",
+    )
     out: dict[str, list[Any]] = {column: [] for column in columns}
     for messages, source in zip(batch["messages"], batch["source"], strict=True):
         fitted = fit_conversation(messages, tokenizer, data_args, source)
@@ -424,6 +512,7 @@ def _encode_batch(
             out["input_ids"].append(row["input_ids"])
             out["labels"].append(row["labels"])
             out["dropped_turns"].append(fitted["dropped_turns"] if position == 0 else 0)
+            out["trailing_user_turns"].append(fitted["trailing_user_turns"] if position == 0 else 0)
             out["drop_reason"].append(fitted["drop_reason"])
             out["expanded_rows"].append(len(rows) - 1 if position == 0 else 0)
             out["extra_row"].append(position < len(rows) - 1)
@@ -450,6 +539,44 @@ def _expansion_stats(encoded: datasets.Dataset) -> dict[str, int]:
             stats["extra_tokens"],
         )
     return stats
+
+
+def invalid_record_stats(skipped: Sequence[InvalidRecord], records: int) -> dict[str, Any]:
+    """What ``invalid_records: skip`` left out: counts by reason and the first few locations.
+
+    >>> stats = invalid_record_stats([InvalidRecord("a.jsonl:3", "no_content", "turn 2 (gpt) has no content")], 200)
+    >>> stats["skipped"], stats["records"], stats["by_reason"], stats["first"]
+    (1, 200, {'no_content': 1}, ['a.jsonl:3: turn 2 (gpt) has no content'])
+    """
+    return {
+        "skipped": len(skipped),
+        "records": records,
+        "share": len(skipped) / records if records else 0.0,
+        "by_reason": dict(Counter(invalid.reason for invalid in skipped).most_common()),
+        "first": [str(invalid) for invalid in skipped[:INVALID_LOCATIONS_SHOWN]],
+    }
+
+
+def describe_invalid_records(stats: Mapping[str, Any]) -> str:
+    """What :func:`invalid_record_stats` counted, for the log: counts first, then the first locations."""
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in stats["by_reason"].items())
+    first = "".join(f"\n  {location}" for location in stats["first"])
+    return (
+        f"invalid_records: skip left out {stats['skipped']} of {stats['records']} records "
+        f"({100 * stats['share']:.2f}%; {reasons}); the first:{first}"
+    )
+
+
+def check_invalid_share(stats: Mapping[str, Any], max_share: float) -> None:
+    """Refuse to build when more than ``max_share`` of the records are invalid (a wrong file, not a few bad lines)."""
+    if stats["skipped"] and stats["share"] > max_share:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in stats["by_reason"].items())
+        first = "".join(f"\n  {location}" for location in stats["first"])
+        raise DataError(
+            f"train_files: {stats['skipped']} of {stats['records']} records are invalid "
+            f"({100 * stats['share']:.2f}%), more than max_invalid_share={max_share:g} ({reasons}); fix them, or "
+            f"raise max_invalid_share if leaving them out is intended; the first:{first}"
+        )
 
 
 def check_masks(encoded: datasets.Dataset, end_of_turn_id: int) -> dict[str, Any]:
@@ -482,5 +609,13 @@ def check_collated_batch(batch: dict[str, torch.Tensor]) -> None:
 
 def sft_code_version() -> str:
     """Hash of the encoding code: a prepared dataset built by other code is rebuilt, never reused."""
-    encoding_code = (supervised_char_spans, labels_from_spans, encode_conversation, fit_conversation, _encode_batch)
+    encoding_code = (
+        render,
+        drop_trailing_user_turns,
+        supervised_char_spans,
+        labels_from_spans,
+        encode_conversation,
+        fit_conversation,
+        _encode_batch,
+    )
     return cache_key({"source": "".join(inspect.getsource(f) for f in (*encoding_code, pack_batch))})

@@ -9,8 +9,10 @@ Interactive (no ``--prompt``): one user turn per line of stdin, the conversation
 ``/reset`` clears it (the system prompt stays), ``/exit`` or end of input quits.
 
 The prompt is rendered by ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``, the
-template the training conversations were encoded with, and generation stops at ChatML's end of turn
-``<|im_end|>`` (or EOS). Decoding is greedy by default; ``--temperature T`` > 0 samples plainly
+template the training conversations were encoded with, with the template keywords the run trained
+with (``chat_template_kwargs`` in the run manifest of the adapter or model dir, e.g.
+``{"enable_thinking": false}``; ``--chat_template_kwargs '{...}'`` overrides), and generation stops
+at ChatML's end of turn ``<|im_end|>`` (or EOS). Decoding is greedy by default; ``--temperature T`` > 0 samples plainly
 (no top-k, top-p or repetition penalty), so the answer depends on the arguments only, never on
 sampling defaults stored in the checkpoint's ``generation_config.json``.
 """
@@ -30,8 +32,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, BatchEncoding, PreTrainedTokenizerBase
 
 from llmtrain.cli import run_cli
+from llmtrain.config.template_kwargs import parse_template_kwargs
 from llmtrain.errors import ConfigError, UserInputError
 from llmtrain.modeling import check_safetensors_weights, load_tokenizer
+from llmtrain.run.manifest import read_manifest
 from llmtrain.tiny_default import IM_END
 
 if TYPE_CHECKING:
@@ -146,12 +150,34 @@ def load_chat_model(
     return model, tokenizer
 
 
+def recorded_template_kwargs(model_dir: str | Path, adapter_dir: str | Path | None = None) -> dict[str, Any]:
+    """The ``chat_template_kwargs`` the run that produced the weights trained with ({} when none).
+
+    Read from ``run_manifest.json`` of ``adapter_dir`` when given (the fine-tuning run wrote it
+    there), else of ``model_dir`` (a full or partial SFT output, or a merged model).
+    """
+    directory = Path(adapter_dir if adapter_dir is not None else model_dir)
+    recorded = read_manifest(directory).get("config", {}).get("chat_template_kwargs")
+    return parse_template_kwargs(recorded, f"{directory}/run_manifest.json: chat_template_kwargs") or {}
+
+
 def encode_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    add_generation_prompt: bool,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> BatchEncoding:
-    """``input_ids`` and ``attention_mask`` (``[1, T]`` tensors) of ``messages`` rendered by the chat template."""
+    """``input_ids`` and ``attention_mask`` (``[1, T]`` tensors) of ``messages`` rendered by the chat template.
+
+    ``template_kwargs`` reach the template as in training (:func:`llmtrain.data.sft.render`).
+    """
     encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True, return_tensors="pt"
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        **(template_kwargs or {}),
     )
     assert isinstance(encoded, BatchEncoding)  # return_dict=True
     return encoded
@@ -171,6 +197,7 @@ def generate_reply_ids(
     messages: list[Message],
     max_new_tokens: int,
     temperature: float = 0.0,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """The ids the model generates after ``messages`` (1-D; ends with a stop id unless truncated).
 
@@ -179,7 +206,9 @@ def generate_reply_ids(
     """
     check_decoding(max_new_tokens, temperature)
     stop_ids = stop_token_ids(tokenizer)
-    encoded = encode_chat(tokenizer, messages, add_generation_prompt=True).to(model.device)
+    encoded = encode_chat(tokenizer, messages, add_generation_prompt=True, template_kwargs=template_kwargs).to(
+        model.device
+    )
     decoding: dict[str, Any] = {"do_sample": temperature > 0, "repetition_penalty": 1.0}
     if temperature > 0:
         decoding.update(temperature=temperature, top_k=0, top_p=1.0)
@@ -197,6 +226,7 @@ def chat_reply(
     messages: list[Message],
     max_new_tokens: int,
     temperature: float = 0.0,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """Answer the last turn of ``messages``: ``(text, stopped_at_end_of_turn)``.
 
@@ -204,7 +234,7 @@ def chat_reply(
     ``stopped_at_end_of_turn`` is True only when the model itself ended the turn with
     ``<|im_end|>`` (False when it ran out of ``max_new_tokens`` or emitted a bare EOS).
     """
-    ids = generate_reply_ids(model, tokenizer, messages, max_new_tokens, temperature)
+    ids = generate_reply_ids(model, tokenizer, messages, max_new_tokens, temperature, template_kwargs)
     stopped = len(ids) > 0 and int(ids[-1]) == end_of_turn_id(tokenizer)
     return str(tokenizer.decode(ids, skip_special_tokens=True)).strip(), stopped
 
@@ -227,6 +257,7 @@ def chat_loop(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     show_prompt: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[Message]:
     """Multi-turn chat: one user turn per line of ``lines``, each answer a line on ``out``.
 
@@ -246,7 +277,7 @@ def chat_loop(
             logger.info("history cleared")
         elif text:
             history.append({"role": "user", "content": text})
-            answer, stopped = chat_reply(model, tokenizer, history, max_new_tokens, temperature)
+            answer, stopped = chat_reply(model, tokenizer, history, max_new_tokens, temperature, template_kwargs)
             history.append({"role": "assistant", "content": answer})
             out.write(answer + "\n")
             warn_if_unfinished(stopped, max_new_tokens)
@@ -275,13 +306,22 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prompt", help="answer this one user message and exit; without it, chat on stdin")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest reply")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    parser.add_argument(
+        "--chat_template_kwargs",
+        help="template keywords as JSON, e.g. '{\"enable_thinking\": false}' (default: those the run trained with)",
+    )
     args = parser.parse_args(argv)
     send_logs_to_stderr()
     check_decoding(args.max_new_tokens, args.temperature)
+    template_kwargs = parse_template_kwargs(args.chat_template_kwargs)
+    if template_kwargs is None:
+        template_kwargs = recorded_template_kwargs(args.model, args.adapter)
+    if template_kwargs:
+        logger.info("chat template keywords: %s", template_kwargs)
     model, tokenizer = load_chat_model(args.model, args.adapter)
     if args.prompt is not None:
         messages = [*start_messages(args.system), {"role": "user", "content": args.prompt}]
-        answer, stopped = chat_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+        answer, stopped = chat_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, template_kwargs)
         sys.stdout.write(answer + "\n")
         warn_if_unfinished(stopped, args.max_new_tokens)
         return
@@ -294,6 +334,7 @@ def main(argv: list[str]) -> None:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         show_prompt=sys.stdin.isatty(),
+        template_kwargs=template_kwargs,
     )
 
 

@@ -25,6 +25,7 @@ from llmtrain.tools.chat import (
     chat_reply,
     check_decoding,
     load_chat_model,
+    recorded_template_kwargs,
     send_logs_to_stderr,
     start_messages,
 )
@@ -46,7 +47,8 @@ def compare(
     """Greedy answers to each prompt from each model: ``answers[prompt_index][model_index]``.
 
     Each ``(model_dir, adapter_dir)`` is loaded once (see :func:`load_chat_model`) and answers
-    every prompt as a fresh single-turn conversation before the next model is loaded.
+    every prompt as a fresh single-turn conversation before the next model is loaded, with the
+    template keywords its run trained with (:func:`recorded_template_kwargs`).
     """
     check_decoding(max_new_tokens, 0.0)
     answers: list[list[str]] = [[] for _ in prompts]
@@ -54,9 +56,10 @@ def compare(
         label = model_label(spec)
         logger.info("answering %d prompts with %s", len(prompts), label)
         model, tokenizer = load_chat_model(*spec)
+        template_kwargs = recorded_template_kwargs(*spec)
         for index, prompt in enumerate(prompts):
             messages = [*start_messages(system), {"role": "user", "content": prompt}]
-            answer, stopped = chat_reply(model, tokenizer, messages, max_new_tokens)
+            answer, stopped = chat_reply(model, tokenizer, messages, max_new_tokens, template_kwargs=template_kwargs)
             if not stopped:
                 logger.warning("%s: the answer to prompt %d did not end its turn (truncated)", label, index + 1)
             answers[index].append(answer)

@@ -38,6 +38,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
 from llmtrain.modeling import load_tokenizer
+from llmtrain.run.manifest import MANIFEST_FILE
 from llmtrain.tiny_default import IM_END
 from llmtrain.tools.chat import (
     apply_adapter,
@@ -118,13 +119,20 @@ def save_dtype(base: str, dtype: str) -> torch.dtype:
     return stated if isinstance(stated, torch.dtype) else torch.float32
 
 
-def save_atomically(model: Any, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> None:
-    """Save into a temporary sibling dir, then rename it to ``output_dir`` (an empty one is replaced)."""
+def save_atomically(
+    model: Any, tokenizer: PreTrainedTokenizerBase, output_dir: Path, extra_files: tuple[Path, ...] = ()
+) -> None:
+    """Save into a temporary sibling dir (with copies of ``extra_files``), then rename it to ``output_dir``.
+
+    An empty ``output_dir`` is replaced.
+    """
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.merging-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        for path in extra_files:
+            shutil.copy2(path, staging / path.name)
         check_output_dir(output_dir)
         if output_dir.is_dir():
             output_dir.rmdir()
@@ -149,7 +157,8 @@ def merge_adapter(
     ``tolerance``, and :class:`UserInputError` for an unusable adapter, base or ``output_dir``.
     The tokenizer and chat template saved with the model are the adapter dir's (the base's, with a
     warning, when the adapter dir has none); with a ChatML tokenizer, the saved generation config
-    stops at ``<|im_end|>`` as well as EOS.
+    stops at ``<|im_end|>`` as well as EOS. The adapter's ``run_manifest.json`` is copied along, so
+    the merged model says what trained it and chats with the same ``chat_template_kwargs``.
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if tolerance < 0:
@@ -187,7 +196,8 @@ def merge_adapter(
 
     if tokenizer.chat_template and IM_END in tokenizer.get_vocab():
         merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    save_atomically(merged.to(target_dtype), tokenizer, output_dir)
+    manifest = adapter_dir / MANIFEST_FILE
+    save_atomically(merged.to(target_dtype), tokenizer, output_dir, (manifest,) if manifest.is_file() else ())
     logger.info("saved the merged model (%s) to %s", str(target_dtype).removeprefix("torch."), output_dir)
     return difference
 

@@ -1,7 +1,15 @@
-"""Real SFT launches through finetune.sh: 2 CPU ranks, DeepSpeed ZeRO-2, LoRA and full, SIGKILL + resume."""
+"""Real SFT launches through finetune.sh: 2 CPU ranks, DeepSpeed ZeRO-2, LoRA and full, SIGKILL + resume.
+
+The resume test trains a tiny Qwen3 (q/k norm, a think template that is not prefix-stable) with LoRA on
+multi-turn reasoning data, then merges the adapter and chats with the result, as a Qwen3 user would.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +25,10 @@ from ..conftest import (
     launch,
     qa_conversations,
     read_summary,
+    reasoning_conversations,
     save_random_tiny_model,
+    save_random_tiny_qwen3_model,
+    subprocess_env,
     train_log,
     wait,
     wait_for_checkpoint,
@@ -89,17 +100,20 @@ def test_full_sft_on_two_ranks_updates_the_weights(sft_inputs: tuple[Path, Path]
     assert not (output_dir / "adapter_config.json").exists()
 
 
-def test_sft_sigkill_after_a_checkpoint_then_the_same_command_resumes(
-    sft_inputs: tuple[Path, Path], tmp_path: Path
-) -> None:
-    base, data = sft_inputs
+def test_qwen3_lora_on_reasoning_data_resumes_after_sigkill_then_merges_and_chats(tmp_path: Path) -> None:
+    base = save_random_tiny_qwen3_model(tmp_path / "qwen3-base")
+    data = write_jsonl(tmp_path / "reasoning.jsonl", reasoning_conversations(240))
     output_dir = tmp_path / "resume"
-    command = finetune_command(base, data, output_dir, "--max_steps", "30")
+    command = finetune_command(base, data, output_dir, "--max_steps", "30", "--finetuning_type", "lora")
     env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
     first = launch(command, tmp_path, "first.log", **env)
     wait_for_checkpoint(first, output_dir / "checkpoint-6", tmp_path / "first.log")
     kill_every_rank(first)
     assert not (output_dir / "train_summary.json").exists(), "the run finished before it could be killed"
+    first_log = (tmp_path / "first.log").read_text(errors="replace")
+    expanded = re.search(r"(\d+) conversation\(s\) rendered earlier assistant turns differently as history", first_log)
+    assert expanded and int(expanded[1]) > 100, "two-answer conversations train their first answer in a row of its own"
+    assert "[[<think>\n" in first_log, "the reasoning is supervised, inside the think block the template renders"
 
     env["MASTER_PORT"] = str(free_port())
     output = wait(launch(command, tmp_path, "second.log", **env), tmp_path, "second.log")
@@ -107,3 +121,18 @@ def test_sft_sigkill_after_a_checkpoint_then_the_same_command_resumes(
     assert summary["global_step"] == 30 and summary["resumed_from"] is not None
     assert "resuming from" in output
     assert [e["step"] for e in train_log(output_dir) if "loss" in e] == list(range(2, 31, 2))
+    assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    merged = tmp_path / "merged"
+    tools_env = subprocess_env(tmp_path)
+    merge = subprocess.run([sys.executable, "-m", "llmtrain.tools.merge", "--adapter", str(output_dir),
+                            "--output", str(merged)], cwd=REPO_ROOT, env=tools_env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert merge.returncode == 0, merge.stdout[-3000:] + merge.stderr[-3000:]
+    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "qwen3"
+    assert (merged / "run_manifest.json").is_file(), "the merged model says what trained it"
+    chat = subprocess.run([sys.executable, "-m", "llmtrain.tools.chat", "--model", str(merged), "--prompt",
+                           "What is 7 plus 7?", "--max_new_tokens", "24"], cwd=REPO_ROOT, env=tools_env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert chat.returncode == 0, chat.stdout[-3000:] + chat.stderr[-3000:]
+    assert chat.stdout.strip(), "the merged Qwen3 model answers"

@@ -218,6 +218,17 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
         [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}], [],
         r"data\.jsonl:1: turn 2 \(assistant\) has no content",
     ),
+    "too-many-invalid-records": sft_case(
+        [GOOD_CHAT, GOOD_CHAT, GOOD_CHAT, {"conversations": [{"from": "human", "value": "anyone?"}]}],
+        ["--invalid_records", "skip"],
+        r"train_files: 1 of 4 records are invalid \(25\.00%\), more than max_invalid_share=0\.01 "
+        r"\(no_assistant_turn: 1\)",
+    ),
+    "reasoning-the-template-drops": sft_case(
+        [{"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": "hello", "reasoning_content": "a greeting: greet back"}]}],
+        [], r"data\.jsonl:1: assistant turn 1 has reasoning_content, but the chat template does not render it",
+    ),
     "no-known-format": sft_case([{"prompt": "a", "completion": "b"}], [], r"data\.jsonl:1: record is in no known"),
     "conversation-opening-with-an-answer": sft_case(
         [GOOD_CHAT, {"conversations": [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"},

@@ -14,6 +14,7 @@ from llmtrain.data.conversations import (
     normalise_record,
     read_conversation_files,
     read_conversations,
+    template_messages,
 )
 from llmtrain.demo_conversations import LOCATION_ANSWER, MAX_ANSWER_CHARS, SYSTEM_PROMPT, build_demo_conversations
 from llmtrain.errors import ConfigError, DataError
@@ -102,9 +103,9 @@ def test_each_file_has_its_own_format_and_files_keep_their_order(tmp_path: Path)
     dataset = read_conversation_files([openai, sharegpt, alpaca])
     assert dataset.column_names == ["messages", "source"]
     assert dataset["source"] == [f"{openai}:1", f"{sharegpt}:2", f"{sharegpt}:4", f"{alpaca}: record 1"]
-    assert dataset[0]["messages"] == messages(("user", "2+2?"), ("assistant", "4"))
-    assert dataset[1]["messages"][1] == {"role": "user", "content": "Hi"}
-    assert dataset[3]["messages"] == messages(("user", "Hi"), ("assistant", "Hello"))
+    assert template_messages(dataset[0]["messages"]) == messages(("user", "2+2?"), ("assistant", "4"))
+    assert template_messages(dataset[1]["messages"])[1] == {"role": "user", "content": "Hi"}
+    assert template_messages(dataset[3]["messages"]) == messages(("user", "Hi"), ("assistant", "Hello"))
 
 
 def test_json_file_holding_json_lines_is_read_as_lines(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_cjk_and_line_separators_round_trip_exactly(tmp_path: Path) -> None:
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     expected = messages(("user", question), ("assistant", answer))
     assert read_conversations(path)[0]["messages"] == expected
-    assert read_conversation_files([path])[0]["messages"] == expected
+    assert template_messages(read_conversation_files([path])[0]["messages"]) == expected
 
 
 def test_a_conversation_without_an_assistant_turn_is_an_error_naming_its_line(tmp_path: Path) -> None:

@@ -143,6 +143,19 @@ def test_bad_first_record_is_an_error_naming_file_and_line(tmp_path: Path, model
         assert len(found) == 1 and found[0].startswith(f"{bad}:2: alpaca record has no content: 'output' is blank")
 
 
+def test_a_bad_first_record_under_invalid_records_skip_is_a_warning(tmp_path: Path, model_dir: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "Hi", "output": ""}\n{"instruction": "Hi", "output": "Hello"}\n', encoding="utf-8")
+    argv = ["--model_name_or_path", str(model_dir), "--train_files", str(bad), "--invalid_records", "skip",
+            *common(tmp_path)]  # fmt: skip
+    findings = doctor.diagnose("sft", argv, fast=True)
+    assert not errors(findings, "data")
+    warnings = [f.message for f in findings if f.status == doctor.WARNING and f.check == "data"]
+    assert warnings == [
+        f"{bad}:1: alpaca record has no content: 'output' is blank (invalid_records: skip leaves it out)"
+    ]
+
+
 def test_pretrain_text_field_missing_is_an_error(tmp_path: Path) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"body": "some text"}])
     findings = doctor.diagnose("pretrain", ["--train_files", str(corpus), *common(tmp_path)], fast=True)

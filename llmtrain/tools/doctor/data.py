@@ -13,8 +13,8 @@ from llmtrain.data.conversations import SUFFIXES as CONVERSATION_SUFFIXES
 from llmtrain.data.conversations import Message, detect_format, normalise_record
 from llmtrain.data.files import resolve_data_files
 from llmtrain.data.records import decode_line, first_json_record
-from llmtrain.data.sft import encode_conversation
-from llmtrain.errors import DataError, UserInputError
+from llmtrain.data.sft import drop_trailing_user_turns, encode_conversation
+from llmtrain.errors import DataError, InvalidRecord, UserInputError
 from llmtrain.loss import IGNORE_INDEX
 from llmtrain.stages import SFT, Stage
 from llmtrain.tools.doctor.report import ERROR, OK, WARNING, Report, describe
@@ -110,9 +110,16 @@ def check_data(
         paths = resolve_data_files(specs, field_name)
         problems: list[str] = []
         unchecked: list[str] = []
+        skips = isinstance(data_args, SFTDataArguments) and data_args.invalid_records == "skip"
         for path in paths:
             try:
                 found = first_record(path, stage, data_args)
+            except InvalidRecord as invalid:
+                if not skips:
+                    problems.append(describe(invalid))
+                    continue
+                report.add(WARNING, "data", f"{describe(invalid)} (invalid_records: skip leaves it out)")
+                continue
             except (UserInputError, OSError) as error:
                 problems.append(describe(error))
                 continue
@@ -152,8 +159,14 @@ def _encode_sample(
         report.add(status, "data sample", f"{where}: {len(ids)} tokens + EOS ({len(content)} characters)")
         return
     assert isinstance(data_args, SFTDataArguments)
+    answered, _ = drop_trailing_user_turns(content)
     rows = encode_conversation(
-        content, tokenizer, data_args.end_of_turn_token, data_args.train_on_last_turn_only, where
+        answered,
+        tokenizer,
+        data_args.end_of_turn_token,
+        data_args.train_on_last_turn_only,
+        where,
+        data_args.template_kwargs,
     )
     tokens = max(len(row["input_ids"]) for row in rows)
     supervised = sum(label != IGNORE_INDEX for row in rows for label in row["labels"])
