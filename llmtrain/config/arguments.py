@@ -170,7 +170,7 @@ class PretrainDataArguments(DataArguments):
     )
     block_size: int = field(default=1024, metadata={"help": "Tokens per training sequence (block)."})
     preprocessing_batch_size: int = field(
-        default=1000, metadata={"help": "Documents per tokenize-and-group batch; each batch drops < 1 block."}
+        default=1000, metadata={"help": "Documents per tokenization batch (one task of a prepare worker)."}
     )
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """Tokenize once: processed datasets saved to disk and reused by later runs and restarts.
 
-A prepared dataset is a ``datasets.DatasetDict`` saved with ``save_to_disk`` plus a
+A prepared dataset is a directory the stage's build function fills (SFT: a ``datasets.DatasetDict``
+saved with ``save_to_disk``; pretraining: one token store per split) plus a
 ``llmtrain_meta.json`` that records what it was built from. Building happens in a temporary
 sibling directory that is renamed into place when complete, so a crash mid-build never leaves
 a half-written dataset that a later run would trust, and two nodes racing to build the same
@@ -70,8 +71,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 class PreparedData:
     """A stage's tokenized train/eval sets, where they are stored, whether this run built them, and their metadata."""
 
-    train: datasets.Dataset
-    eval: datasets.Dataset | None
+    train: Any  # a datasets.Dataset (SFT) or token-store blocks (pretraining): indexable, with a length
+    eval: Any
     path: Path
     built: bool
     metadata: dict[str, Any]  # compat, stats (the stage's counts), sources (file fingerprints), files (sizes, hashes)
@@ -95,17 +96,23 @@ class DataLocation:
     raw_files: Callable[[], RawFiles]  # resolved and fingerprinted on first call, then cached; DataError if missing
 
 
-Build = Callable[[RawFiles], tuple[datasets.DatasetDict, dict[str, Any]]]
+# Writes the prepared splits of the raw files into the given (new, empty) directory; returns the stage's stats.
+Build = Callable[[RawFiles, Path], dict[str, Any]]
+# Opens the prepared splits in a directory: (train, eval or None); LOAD_ERRORS where the files are damaged.
+Load = Callable[[Path], tuple[Any, Any]]
 
 
-def load_or_build(location: DataLocation, compat: dict[str, Any], build: Build, field_name: str) -> PreparedData:
+def load_or_build(
+    location: DataLocation, compat: dict[str, Any], build: Build, load: Load, field_name: str
+) -> PreparedData:
     """Load the prepared dataset at ``location.path`` after verifying it, or build and save it there.
 
     ``compat`` describes what the dataset must match to be reused (tokenizer, block size, code
     version); an existing dataset whose ``compat`` differs is refused with an error naming
     ``field_name``, never silently trained on. A damaged one is rebuilt or refused by the rule in
-    the module docstring. ``build`` turns the raw files into the datasets and stats to store; the
-    raw files' ``sources`` and the saved files' sizes and hashes are recorded beside them.
+    the module docstring. ``build`` writes the splits from the raw files into a staging directory
+    and returns the stats to store; the raw files' ``sources`` and the written files' sizes and
+    hashes are recorded beside them. ``load`` opens the splits.
     """
     path = location.path
     if path.exists():
@@ -116,7 +123,7 @@ def load_or_build(location: DataLocation, compat: dict[str, Any], build: Build, 
         if not problems:
             assert metadata is not None
             try:
-                prepared = _loaded(path, metadata, built=False)
+                prepared = _loaded(path, metadata, load, built=False)
             except LOAD_ERRORS as error:
                 problems = [_unreadable_file(path) or f"could not be loaded ({_one_line(error)})"]
             else:
@@ -126,11 +133,15 @@ def load_or_build(location: DataLocation, compat: dict[str, Any], build: Build, 
 
     raw = location.raw_files()
     logger.info("tokenizing into %s", path)
-    prepared_splits, stats = build(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    prepared_splits.save_to_disk(str(staging))
+    staging.mkdir()
+    try:
+        stats = build(raw, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     metadata = {"compat": compat, "stats": stats, "sources": raw.sources, "files": file_manifest(staging)}
     (staging / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     try:
@@ -140,7 +151,7 @@ def load_or_build(location: DataLocation, compat: dict[str, Any], build: Build, 
             raise
         logger.info("another process finished %s first; using its copy", path)
         shutil.rmtree(staging, ignore_errors=True)
-    return _loaded(path, metadata, built=True)
+    return _loaded(path, metadata, load, built=True)
 
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
@@ -203,11 +214,17 @@ def _read_metadata(path: Path, field_name: str) -> tuple[dict[str, Any] | None, 
     return metadata, []
 
 
-def _loaded(path: Path, metadata: dict[str, Any], built: bool) -> PreparedData:
+def _loaded(path: Path, metadata: dict[str, Any], load: Load, built: bool) -> PreparedData:
+    train, evaluation = load(path)
+    return PreparedData(train, evaluation, path, built, metadata)
+
+
+def load_arrow_splits(path: Path) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The ``train`` (and ``validation``) split of a ``DatasetDict`` saved at ``path`` (a :data:`Load`)."""
     splits = datasets.load_from_disk(str(path))
     if not isinstance(splits, datasets.DatasetDict) or "train" not in splits:
         raise ValueError(f"{path} holds no train split")
-    return PreparedData(splits["train"], splits.get("validation"), path, built, metadata)
+    return splits["train"], splits.get("validation")
 
 
 def _unreadable_file(path: Path) -> str | None:

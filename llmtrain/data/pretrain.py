@@ -1,4 +1,4 @@
-"""Pretraining data: documents -> tokens + EOS -> fixed-size causal-LM blocks, tokenized once.
+"""Pretraining data: documents -> tokens + EOS -> one token store per split, cut into fixed blocks.
 
 Contract of one training example::
 
@@ -6,69 +6,161 @@ Contract of one training example::
     labels:    the same ids (the model shifts them by one internally)
 
 Documents are concatenated with EOS after every document, so the model learns where a
-document ends and never sees two documents run together without a separator.
+document ends and never sees two documents run together without a separator. The stream is
+written once, in one streaming pass over the files (:mod:`llmtrain.data.documents`), tokenized by
+``preprocessing_num_workers`` processes (torchdata's ``ParallelMapper``, in order, a bounded number
+of batches in flight), into a token store (:mod:`llmtrain.data.token_store`); training reads fixed
+``block_size`` windows of it, so only the final remainder of each split is never trained on.
+Without ``validation_files``, ``validation_split_percentage`` of the documents are held out by a
+fixed hash of their position in the (sorted) train files.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
+from torchdata.nodes import IterableWrapper, Loader, Mapper, ParallelMapper
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import PretrainDataArguments
 from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
-from llmtrain.data.files import load_text_files, train_validation_splits
+from llmtrain.data.documents import iter_documents
+from llmtrain.data.files import VALIDATION_SPLIT_SEED
+from llmtrain.data.token_store import TokenBlocks, TokenStoreWriter, open_store
 from llmtrain.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+SPLITS = ("train", "validation")
+MASK64 = (1 << 64) - 1
 
-def group_into_blocks(token_ids: Sequence[Sequence[int]], block_size: int, eos_token_id: int) -> np.ndarray:
-    """Append EOS to every document, concatenate, and cut into rows of ``block_size`` tokens.
 
-    Remainder policy: the tokens after the last full block (fewer than ``block_size``) are
-    dropped, once per call. Called once per preprocessing batch, a corpus loses fewer than
-    ``block_size`` tokens per ``preprocessing_batch_size`` documents.
+def held_out(index: int, percentage: float, seed: int = VALIDATION_SPLIT_SEED) -> bool:
+    """Whether document ``index`` (its position in the train files) is held out for validation.
 
-    >>> group_into_blocks([[1, 2], [3, 4, 5]], block_size=2, eos_token_id=0).tolist()
-    [[1, 2], [0, 3], [4, 5]]
-    >>> group_into_blocks([[1]], block_size=4, eos_token_id=0).shape   # too short: no block
-    (0, 4)
+    A fixed hash (splitmix64 of seed and index) makes the choice independent of batching, worker
+    count and corpus size: appending documents never moves an earlier one between splits.
+
+    >>> sum(held_out(i, 5.0) for i in range(100_000)) / 1000  # percent held out: about 5
+    4.949
     """
-    lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
-    total = int(lengths.sum()) + len(lengths)
-    flat = np.empty(total, dtype=np.int32)
-    eos_positions = np.cumsum(lengths + 1) - 1
+    mixed = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & MASK64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & MASK64
+    mixed ^= mixed >> 31
+    return mixed / 2**64 < percentage / 100
+
+
+def concat_documents(
+    token_ids: Sequence[Sequence[int]], eos_token_id: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every document followed by EOS, back to back, and each document's length with its EOS.
+
+    >>> tokens, lengths = concat_documents([[1, 2], [3, 4, 5]], eos_token_id=0, dtype=np.dtype("<u2"))
+    >>> tokens.tolist(), lengths.tolist()
+    ([1, 2, 0, 3, 4, 5, 0], [3, 4])
+    """
+    lengths = np.fromiter((len(ids) + 1 for ids in token_ids), dtype=np.int64, count=len(token_ids))
+    total = int(lengths.sum())
+    flat = np.empty(total, dtype=dtype)
+    eos_positions = np.cumsum(lengths) - 1
     is_token = np.ones(total, dtype=bool)
     is_token[eos_positions] = False
-    flat[is_token] = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=total - len(lengths))
+    flat[is_token] = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=dtype, count=total - len(lengths))
     flat[eos_positions] = eos_token_id
-    n_blocks = total // block_size
-    return flat[: n_blocks * block_size].reshape(n_blocks, block_size)
+    return flat, lengths
 
 
-def tokenize_and_group(
-    batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, block_size: int
-) -> dict[str, np.ndarray]:
-    """``datasets.map`` function: a batch of ``{"text": [...]}`` -> ``{"input_ids": blocks}``.
+@dataclass
+class DocumentBatch:
+    """Documents on their way to the tokenizer: texts and, per text, whether it goes to validation."""
 
-    Blank documents are skipped (they would only add a lone EOS).
+    texts: list[str]
+    validation: list[bool]
+
+
+@dataclass
+class ReadFailure:
+    """A bad file met while reading: passed through the workers so the main process raises it as it is."""
+
+    error: DataError
+
+
+@dataclass
+class TokenizedBatch:
+    """A batch's tokens per split (``(tokens, lengths)``) and counts of documents and blank ones."""
+
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    documents: dict[str, int]
+    blank: dict[str, int]
+
+
+class BatchTokenizer:
+    """The map function the prepare workers run: a :class:`DocumentBatch` -> a :class:`TokenizedBatch`.
+
+    Blank documents are skipped (they would only add a lone EOS) and counted.
     """
-    texts = [text for text in batch["text"] if text.strip()]
-    assert tokenizer.eos_token_id is not None
-    if not texts:  # a batch of blank documents (the tokenizer refuses an empty batch)
-        return {"input_ids": np.empty((0, block_size), dtype=np.int32)}
-    token_ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return {"input_ids": group_into_blocks(token_ids, block_size, tokenizer.eos_token_id)}
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> None:
+        assert tokenizer.eos_token_id is not None
+        self.tokenizer = tokenizer
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.dtype = dtype
+
+    def __call__(self, batch: DocumentBatch | ReadFailure) -> TokenizedBatch | ReadFailure:
+        if isinstance(batch, ReadFailure):
+            return batch
+        kept = [index for index, text in enumerate(batch.texts) if text.strip()]
+        ids: list[list[int]] = []
+        if kept:  # the tokenizer refuses an empty batch
+            texts = [batch.texts[index] for index in kept]
+            ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)[
+                "input_ids"
+            ]
+        result = TokenizedBatch({}, {}, {})
+        for split, is_validation in (("train", False), ("validation", True)):
+            chosen = [i for i, index in enumerate(kept) if batch.validation[index] == is_validation]
+            result.splits[split] = concat_documents([ids[i] for i in chosen], self.eos_token_id, self.dtype)
+            result.documents[split] = sum(flag == is_validation for flag in batch.validation)
+            result.blank[split] = result.documents[split] - len(chosen)
+        return result
+
+
+def document_batches(
+    train_files: Sequence[Path], validation_files: Sequence[Path], data_args: PretrainDataArguments
+) -> Iterator[DocumentBatch | ReadFailure]:
+    """The documents of every file, in order, in batches of ``preprocessing_batch_size``, each with its split.
+
+    Streaming: one batch of texts is held at a time. A bad file ends the stream with a :class:`ReadFailure`.
+    """
+    holdout = 0.0 if validation_files else data_args.validation_split_percentage
+    sources = [(path, False) for path in train_files] + [(path, True) for path in validation_files]
+    batch = DocumentBatch([], [])
+    index = 0
+    try:
+        for path, is_validation_file in sources:
+            for _, text in iter_documents(path, data_args.text_field, data_args.txt_sample_by):
+                batch.texts.append(text)
+                batch.validation.append(is_validation_file or (holdout > 0 and held_out(index, holdout)))
+                index += 0 if is_validation_file else 1
+                if len(batch.texts) == data_args.preprocessing_batch_size:
+                    yield batch
+                    batch = DocumentBatch([], [])
+    except DataError as error:
+        yield ReadFailure(error)
+        return
+    if batch.texts:
+        yield batch
 
 
 def collate_blocks(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -88,77 +180,130 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return cache_key({"tokenizer": definition, "eos": tokenizer.eos_token})
 
 
-# Hash of the code that turns text into blocks: editing it invalidates every cached dataset.
+# Hash of the code that turns text into the token stream: editing it invalidates every prepared store.
 PREPROCESSING_CODE_VERSION = cache_key(
-    {"source": inspect.getsource(group_into_blocks) + inspect.getsource(tokenize_and_group)}
+    {
+        "source": "".join(
+            inspect.getsource(function)
+            for function in (held_out, concat_documents, BatchTokenizer, document_batches, iter_documents)
+        )
+    }
 )
 
 
 def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Load the tokenized dataset for this run, building it first if it does not exist yet.
+    """Load the token stores for this run, building them first if they do not exist yet.
 
     With ``tokenized_path`` set and present, the raw files are not read at all. Otherwise the
-    dataset lives in ``dataset_cache_dir`` under a key of (data files with sizes and mtimes,
-    split settings, tokenizer, block size, preprocessing code version).
+    stores live in ``dataset_cache_dir`` under a key of (data files with sizes and mtimes,
+    split settings, tokenizer, preprocessing code version); the block size is not part of the key:
+    blocks are windows of the stream, cut at load time.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; pretraining needs one between documents")
-    compat = {
-        "block_size": data_args.block_size,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "code_version": PREPROCESSING_CODE_VERSION,
-    }
+    compat = {"tokenizer": tokenizer_fingerprint(tokenizer), "code_version": PREPROCESSING_CODE_VERSION}
     settings = {"text_field": data_args.text_field, "txt_sample_by": data_args.txt_sample_by}
     location = locate_prepared_data(data_args, compat, "pretrain", settings)
 
-    def build(raw: RawFiles) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-        return _build(data_args, tokenizer, raw.train_files, raw.validation_files)
+    def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
+        return build_token_stores(data_args, tokenizer, raw.train_files, raw.validation_files, staging)
 
-    prepared = load_or_build(location, compat, build, "tokenized_path")
+    def load(path: Path) -> tuple[TokenBlocks, TokenBlocks | None]:
+        return load_blocks(path, data_args.block_size)
+
+    prepared = load_or_build(location, compat, build, load, "tokenized_path")
+    check_blocks(prepared, data_args.block_size)
     stats = prepared.metadata["stats"]
+    eval_blocks = len(prepared.eval) if prepared.eval is not None else 0
+    # This run's cut of the stream, for the run manifest (the stores themselves do not depend on it).
+    stats.update(block_size=data_args.block_size, train_blocks=len(prepared.train), eval_blocks=eval_blocks)
     logger.info(
-        "pretraining data: %d train blocks, %d eval blocks of %d tokens (%s)",
-        stats["train_blocks"],
-        stats["eval_blocks"],
+        "pretraining data: %d train blocks, %d eval blocks of %d tokens from %d + %d documents "
+        "(%d + %d tokens; %d tokens of the final remainders not trained on) (%s)",
+        len(prepared.train),
+        eval_blocks,
         data_args.block_size,
+        stats["train_documents"],
+        stats["validation_documents"],
+        stats["train_tokens"],
+        stats["validation_tokens"],
+        stats["train_tokens"] + stats["validation_tokens"] - (len(prepared.train) + eval_blocks) * data_args.block_size,
         prepared.path,
     )
     return prepared
 
 
-def _build(
+def load_blocks(path: Path, block_size: int) -> tuple[TokenBlocks, TokenBlocks | None]:
+    """The train (and validation) blocks of the stores at ``path`` (a :data:`~llmtrain.data.cache.Load`)."""
+    blocks = {split: TokenBlocks(open_store(path / split), block_size) for split in SPLITS if (path / split).is_dir()}
+    return blocks["train"], blocks.get("validation")
+
+
+def check_blocks(prepared: PreparedData, block_size: int) -> None:
+    """Refuse a split that holds no full block (its documents are too few or blank)."""
+    stats = prepared.metadata["stats"]
+    for split, blocks in (("train", prepared.train), ("validation", prepared.eval)):
+        if blocks is not None and len(blocks) == 0:
+            field_name = "train_files" if split == "train" else "validation data"
+            raise DataError(
+                f"{field_name}: {stats[f'{split}_documents']} documents make no full block of block_size={block_size} "
+                f"tokens ({stats[f'{split}_tokens']} tokens with EOS, {stats[f'{split}_blank_documents']} blank "
+                "documents); add data or lower block_size"
+            )
+
+
+def build_token_stores(
     data_args: PretrainDataArguments,
     tokenizer: PreTrainedTokenizerBase,
     train_files: list[Path],
     validation_files: list[Path],
-) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    documents = load_text_files(train_files, data_args.text_field, data_args.txt_sample_by)
-    validation = (
-        load_text_files(validation_files, data_args.text_field, data_args.txt_sample_by) if validation_files else None
-    )
-    splits = train_validation_splits(documents, validation, data_args.validation_split_percentage, "documents")
-    stats: dict[str, Any] = {"documents": len(documents)}
-    blocks = {}
-    for name, split in splits.items():
-        stats[f"{name}_blank_documents"] = int(
-            pc.sum(pc.equal(pc.utf8_trim_whitespace(split.data.column("text")), "")).as_py() or 0
+    staging: Path,
+) -> dict[str, Any]:
+    """Tokenize every document once into ``staging/train`` (and ``staging/validation``); returns the counts.
+
+    The files are read in the main process; ``preprocessing_num_workers`` > 1 processes tokenize
+    batches of documents in order, at most one batch each in flight, so memory stays bounded by a
+    few batches whatever the corpus size.
+    """
+    assert tokenizer.eos_token_id is not None
+    vocab_size = len(tokenizer)
+    writers = {"train": TokenStoreWriter(staging / "train", vocab_size, tokenizer.eos_token_id)}
+    if validation_files or data_args.validation_split_percentage > 0:
+        writers["validation"] = TokenStoreWriter(staging / "validation", vocab_size, tokenizer.eos_token_id)
+    workers = data_args.preprocessing_num_workers or 0
+    map_fn = BatchTokenizer(tokenizer, writers["train"].dtype)
+    source = IterableWrapper(document_batches(train_files, validation_files, data_args))
+    if workers > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one core; no threads per worker on top
+        node: Any = ParallelMapper(source, map_fn, num_workers=workers, in_order=True, method="process",
+                                   max_concurrent=workers)  # fmt: skip
+    else:
+        node = Mapper(source, map_fn)
+    loader = Loader(node)
+    counts = {f"{split}_{what}": 0 for split in SPLITS for what in ("documents", "blank_documents")}
+    try:
+        for result in loader:
+            if isinstance(result, ReadFailure):
+                raise result.error
+            for split, (tokens, lengths) in result.splits.items():
+                counts[f"{split}_documents"] += result.documents[split]
+                counts[f"{split}_blank_documents"] += result.blank[split]
+                if split in writers:
+                    writers[split].add(tokens, lengths)
+    finally:
+        del loader, node  # stop the workers now, while the interpreter is whole
+        gc.collect()
+    stores = {split: writer.close() for split, writer in writers.items()}
+    stats: dict[str, Any] = {
+        **counts,
+        "documents": counts["train_documents"] + counts["validation_documents"],
+        **{f"{split}_tokens": stores[split]["tokens"] if split in stores else 0 for split in SPLITS},
+        "token_dtype": stores["train"]["dtype"],
+        "tokenizer_name_or_path": tokenizer.name_or_path or None,  # what inspect_data decodes with
+    }
+    if "validation" in writers and stores["validation"]["documents"] == 0 and not validation_files:
+        raise DataError(
+            f"validation_split_percentage={data_args.validation_split_percentage} leaves no validation documents "
+            f"out of {stats['documents']}; raise it, give validation_files, or set it to 0"
         )
-        blocks[name] = split.map(
-            tokenize_and_group,
-            fn_kwargs={"tokenizer": tokenizer, "block_size": data_args.block_size},
-            batched=True,
-            batch_size=data_args.preprocessing_batch_size,
-            remove_columns=split.column_names,
-            num_proc=data_args.preprocessing_num_workers,
-            desc=f"tokenize + group {name}",
-        )
-        if len(blocks[name]) == 0:
-            field_name = "train_files" if name == "train" else "validation data"
-            raise DataError(
-                f"{field_name}: {len(split)} documents make no full block of block_size={data_args.block_size} "
-                "tokens; add data or lower block_size"
-            )
-    stats["train_blocks"] = len(blocks["train"])
-    stats["eval_blocks"] = len(blocks["validation"]) if "validation" in blocks else 0
-    stats["tokens_in_blocks"] = (stats["train_blocks"] + stats["eval_blocks"]) * data_args.block_size
-    return datasets.DatasetDict(blocks), stats
+    return stats

@@ -34,7 +34,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
-from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import (
+    PreparedData,
+    RawFiles,
+    cache_key,
+    load_arrow_splits,
+    load_or_build,
+    locate_prepared_data,
+)
 from llmtrain.data.conversations import REASONING_KEY, Message, read_conversation_files, template_messages
 from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
@@ -392,10 +399,12 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
     }
     location = locate_prepared_data(data_args, compat, "sft", {})
 
-    def build(raw: RawFiles) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-        return _build(data_args, tokenizer, raw.train_files, raw.validation_files, end_of_turn_id)
+    def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
+        splits, stats = _build(data_args, tokenizer, raw.train_files, raw.validation_files, end_of_turn_id)
+        splits.save_to_disk(str(staging))
+        return stats
 
-    prepared = load_or_build(location, compat, build, "tokenized_path")
+    prepared = load_or_build(location, compat, build, load_arrow_splits, "tokenized_path")
     stats = prepared.metadata["stats"]
     logger.info(
         "SFT data: %d train rows, %d eval rows; %d conversations kept (%d trained in extra rows: %d tokens), "

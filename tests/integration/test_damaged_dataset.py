@@ -1,7 +1,7 @@
 """A prepared dataset damaged after it was built, run through the real entry point as a user would.
 
-``pretrain.py --prepare_only true --tokenized_path X``, then the Arrow file is cut to its first
-half (a copy interrupted mid-transfer, a full disk). With the raw files it was built from, the
+``pretrain.py --prepare_only true --tokenized_path X``, then the token stream ``train/tokens.bin`` is cut to
+its first half (a copy interrupted mid-transfer, a full disk). With the raw files it was built from, the
 next run warns, naming the file, and rebuilds it; without them it stops with one ERROR line
 naming ``tokenized_path`` and the file, exit 2, and writes nothing.
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import datasets
+import numpy as np
 import pytest
 
 from llmtrain.errors import USER_ERROR_EXIT_CODE
 
 from ..conftest import prose_records, run_entry, write_jsonl
 
-ARROW = "train/data-00000-of-00001.arrow"
+TOKENS = "train/tokens.bin"
 
 
 def common_args(tokenized: Path) -> list[str]:
@@ -26,16 +26,16 @@ def common_args(tokenized: Path) -> list[str]:
 
 
 def prepare_then_truncate(tmp_path: Path) -> tuple[Path, Path, list[list[int]], str]:
-    """Corpus, dataset prepared from it with its Arrow file cut in half, its original ids, the expected fault."""
+    """Corpus, dataset prepared from it with its token stream cut in half, its original ids, the expected fault."""
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", prose_records(80))
     tokenized = tmp_path / "tokenized"
     result = run_entry(["--train_files", str(corpus), *common_args(tokenized), "--prepare_only", "true"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    original = datasets.load_from_disk(str(tokenized))["train"]["input_ids"][:]  # read before cutting the mapped file
-    arrow = tokenized / ARROW
-    data = arrow.read_bytes()
-    arrow.write_bytes(data[: len(data) // 2])
-    return corpus, tokenized, original, f"{ARROW}: {len(data) // 2} bytes, expected {len(data)}"
+    tokens = tokenized / TOKENS
+    data = tokens.read_bytes()
+    original = np.frombuffer(data, dtype="<u2").tolist()
+    tokens.write_bytes(data[: len(data) // 2])
+    return corpus, tokenized, original, f"{TOKENS}: {len(data) // 2} bytes, expected {len(data)}"
 
 
 def test_truncated_dataset_is_rebuilt_from_its_train_files(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_truncated_dataset_is_rebuilt_from_its_train_files(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "llmtrain.data.cache" in warnings[0] and fault in warnings[0], result.stdout[-3000:]
-    assert datasets.load_from_disk(str(tokenized))["train"]["input_ids"][:] == original
+    assert np.fromfile(tokenized / TOKENS, dtype="<u2").tolist() == original
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tokenized")] == [], "the damaged copy was left"
 
 

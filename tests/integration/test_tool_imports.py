@@ -25,7 +25,9 @@ print(json.dumps(sorted(name for name in {stack!r} if name in sys.modules)), fil
 """
 
 
-@pytest.mark.parametrize("module", ["llmtrain.tools.chat", "llmtrain.tools.compare", "llmtrain.tools.merge"])
+@pytest.mark.parametrize(
+    "module", ["llmtrain.tools.chat", "llmtrain.tools.compare", "llmtrain.tools.merge", "llmtrain.tools.inspect_data"]
+)
 def test_inference_tools_do_not_import_the_training_stack(module: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", PROBE.format(module=module, stack=TRAINING_STACK)],

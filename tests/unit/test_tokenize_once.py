@@ -19,6 +19,13 @@ from llmtrain.tiny_default import train_tokenizer
 
 from ..conftest import prose_records, write_jsonl
 
+TOKENS = "train/tokens.bin"
+
+
+def ids(blocks: object) -> list[list[int]]:
+    """Every block of a prepared split, as lists (read before a test damages the mapped file)."""
+    return [blocks[i]["input_ids"].tolist() for i in range(len(blocks))]  # type: ignore[index, arg-type]
+
 
 def data_args(tmp_path: Path, **overrides: object) -> PretrainDataArguments:
     values: dict[str, object] = {
@@ -41,15 +48,19 @@ def test_second_run_reuses_the_cache_without_tokenizing(tmp_path: Path, corpus: 
     second = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
     assert first.built and not second.built
     assert second.path == first.path
-    assert second.train["input_ids"] == first.train["input_ids"]
+    assert ids(second.train) == ids(first.train)
     assert first.eval is not None and len(first.eval) > 0
-    assert all(len(block) == 16 for block in first.train["input_ids"])
+    assert all(len(block) == 16 for block in ids(first.train))
 
 
-def test_changed_block_size_tokenizer_or_data_invalidates(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
+def test_changed_tokenizer_or_data_invalidates_and_another_block_size_reuses_the_store(
+    tmp_path: Path, corpus: Path, tiny_tokenizer
+) -> None:
     base = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
     other_block = prepare_pretrain_data(data_args(tmp_path, block_size=32), tiny_tokenizer)
-    assert other_block.built and other_block.path != base.path
+    assert not other_block.built and other_block.path == base.path  # blocks are windows of the same stream
+    stream = [token for block in ids(base.train) for token in block]
+    assert [token for block in ids(other_block.train) for token in block] == stream[: len(other_block.train) * 32]
     other_tokenizer = train_tokenizer((r["text"] for r in prose_records(30)), vocab_size=300)
     retokenized = prepare_pretrain_data(data_args(tmp_path), other_tokenizer)
     assert retokenized.built and retokenized.path != base.path
@@ -65,14 +76,18 @@ def test_prepared_tokenized_path_trains_without_the_raw_files(tmp_path: Path, co
     corpus.unlink()
     reused = prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
     assert not reused.built
-    assert reused.train["input_ids"] == built.train["input_ids"]
+    assert ids(reused.train) == ids(built.train)
+    assert len(
+        prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target), block_size=32), tiny_tokenizer).train
+    )
 
 
-def test_tokenized_path_built_for_another_block_size_is_refused(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
+def test_tokenized_path_built_with_another_tokenizer_is_refused(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
     target = tmp_path / "prepared"
     prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
-    with pytest.raises(ConfigError, match=r"tokenized_path: .*block_size=16 but this run needs 32"):
-        prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target), block_size=32), tiny_tokenizer)
+    other_tokenizer = train_tokenizer((r["text"] for r in prose_records(30)), vocab_size=300)
+    with pytest.raises(ConfigError, match=r"tokenized_path: .* was prepared with tokenizer="):
+        prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), other_tokenizer)
 
 
 def test_no_partial_dataset_is_left_when_building_fails(tmp_path: Path, tiny_tokenizer) -> None:
@@ -86,7 +101,7 @@ def test_no_partial_dataset_is_left_when_building_fails(tmp_path: Path, tiny_tok
 
 # --- a damaged prepared dataset is never trusted ---
 
-ARROW = "train/data-00000-of-00001.arrow"
+ARROW = "train/data-00000-of-00001.arrow"  # an SFT (Arrow) dataset's file
 
 
 def truncate(file: Path) -> tuple[int, int]:
@@ -109,7 +124,7 @@ def test_metadata_lists_every_file_with_size_and_hash(tmp_path: Path, corpus: Pa
     on_disk = {p.relative_to(prepared.path).as_posix(): p for p in prepared.path.rglob("*") if p.is_file()}
     files = json.loads((prepared.path / META_FILE).read_text())["files"]
     assert set(files) == set(on_disk) - {META_FILE}
-    assert {ARROW, "dataset_dict.json", "train/state.json"} <= set(files)
+    assert {TOKENS, "train/documents.npy", "train/store.json", "validation/tokens.bin"} <= set(files)
     for name, entry in files.items():
         assert entry["size"] == on_disk[name].stat().st_size
         assert entry["sha256"] == hashlib.sha256(on_disk[name].read_bytes()).hexdigest()  # small: all hashed
@@ -124,18 +139,18 @@ def test_large_dataset_records_sizes_only_for_its_arrow_files(tmp_path: Path, mo
     assert "sha256" not in files[ARROW] and "sha256" in files["train/state.json"]
 
 
-def test_truncated_arrow_in_the_cache_is_rebuilt_with_a_warning(
+def test_truncated_tokens_in_the_cache_is_rebuilt_with_a_warning(
     tmp_path: Path, corpus: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
-    ids = first.train["input_ids"][:]
-    size, expected = truncate(first.path / ARROW)
+    before = ids(first.train)
+    size, expected = truncate(first.path / TOKENS)
     with caplog.at_level(logging.WARNING, logger="llmtrain.data.cache"):
         again = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
     assert again.built and again.path == first.path
-    assert again.train["input_ids"] == ids
+    assert ids(again.train) == before
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and f"{ARROW}: {size} bytes, expected {expected}" in warnings[0], warnings
+    assert len(warnings) == 1 and f"{TOKENS}: {size} bytes, expected {expected}" in warnings[0], warnings
     assert sorted(p.name for p in first.path.parent.iterdir()) == [first.path.name], "the damaged copy was left"
     assert not prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer).built
 
@@ -145,10 +160,10 @@ def test_truncated_tokenized_path_is_rebuilt_from_the_train_files_it_was_prepare
 ) -> None:
     target = tmp_path / "prepared"
     first = prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
-    ids = first.train["input_ids"][:]
-    truncate(target / ARROW)
+    before = ids(first.train)
+    truncate(target / TOKENS)
     again = prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
-    assert again.built and again.train["input_ids"] == ids
+    assert again.built and ids(again.train) == before
 
 
 def test_truncated_tokenized_path_without_its_raw_files_is_refused_and_left_alone(
@@ -156,13 +171,13 @@ def test_truncated_tokenized_path_without_its_raw_files_is_refused_and_left_alon
 ) -> None:
     target = tmp_path / "prepared"
     prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
-    size, expected = truncate(target / ARROW)
+    size, expected = truncate(target / TOKENS)
     corpus.unlink()
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError) as refused:
         prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
     message = str(refused.value)
-    assert message.startswith("tokenized_path: ") and f"{ARROW}: {size} bytes, expected {expected}" in message
+    assert message.startswith("tokenized_path: ") and f"{TOKENS}: {size} bytes, expected {expected}" in message
     assert "\n" not in message
     assert snapshot(tmp_path) == before, "a refused dataset must not be touched"
 
@@ -173,9 +188,9 @@ def test_truncated_tokenized_path_with_other_train_files_is_refused(
     """Only the files it was built from may replace it (e.g. not the demo corpus that unset train_files means)."""
     target = tmp_path / "prepared"
     prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
-    truncate(target / ARROW)
+    truncate(target / TOKENS)
     other = write_jsonl(tmp_path / "other.jsonl", prose_records(40))
-    with pytest.raises(ConfigError, match=rf"tokenized_path: .*{ARROW}: .*not the unchanged ones.*corpus\.jsonl"):
+    with pytest.raises(ConfigError, match=rf"tokenized_path: .*{TOKENS}: .*not the unchanged ones.*corpus\.jsonl"):
         prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target), train_files=[str(other)]), tiny_tokenizer)
     assert (target / META_FILE).is_file()
 
@@ -183,25 +198,25 @@ def test_truncated_tokenized_path_with_other_train_files_is_refused(
 def test_deleted_file_is_detected(tmp_path: Path, corpus: Path, tiny_tokenizer) -> None:
     target = tmp_path / "prepared"
     prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
-    (target / "validation" / "state.json").unlink()
+    (target / "validation" / "store.json").unlink()
     corpus.unlink()
-    with pytest.raises(ConfigError, match=r"tokenized_path: .*validation/state\.json: missing"):
+    with pytest.raises(ConfigError, match=r"tokenized_path: .*validation/store\.json: missing"):
         prepare_pretrain_data(data_args(tmp_path, tokenized_path=str(target)), tiny_tokenizer)
 
 
-@pytest.mark.parametrize("name", [ARROW, "train/state.json"])
+@pytest.mark.parametrize("name", [TOKENS, "train/store.json"])
 def test_same_size_corruption_of_a_small_file_is_caught_by_its_hash(
     name: str, tmp_path: Path, corpus: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
-    ids = first.train["input_ids"][:]
+    before = ids(first.train)
     damaged = first.path / name
     data = bytearray(damaged.read_bytes())
-    data[-100] ^= 0x01  # one flipped bit; in the Arrow file it lands in the token ids: loads, silently wrong
+    data[-100] ^= 0x01  # one flipped bit; in tokens.bin it lands in a token id: loads, silently wrong
     damaged.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="llmtrain.data.cache"):
         again = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
-    assert again.built and again.train["input_ids"] == ids
+    assert again.built and ids(again.train) == before
     assert f"{name}: content differs from the SHA-256" in caplog.text
 
 
@@ -214,12 +229,12 @@ def test_dataset_prepared_before_file_lists_is_checked_by_loading(
     del metadata["files"]
     meta_path.write_text(json.dumps(metadata))
     assert not prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer).built  # intact: reused as before
-    ids = first.train["input_ids"][:]
-    truncate(first.path / ARROW)
+    before = ids(first.train)
+    truncate(first.path / TOKENS)
     with caplog.at_level(logging.WARNING, logger="llmtrain.data.cache"):
         again = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
-    assert again.built and again.train["input_ids"] == ids
-    assert f"{ARROW}: unreadable" in caplog.text
+    assert again.built and ids(again.train) == before
+    assert f"{TOKENS}: " in caplog.text and "could not be loaded" in caplog.text
     assert "files" in json.loads(meta_path.read_text()), "the rebuilt copy records its files"
 
 

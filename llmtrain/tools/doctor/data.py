@@ -11,8 +11,9 @@ from llmtrain.config.arguments import PretrainDataArguments, SFTDataArguments
 from llmtrain.data.cache import META_FILE
 from llmtrain.data.conversations import SUFFIXES as CONVERSATION_SUFFIXES
 from llmtrain.data.conversations import Message, detect_format, normalise_record
+from llmtrain.data.documents import data_suffix, iter_documents, record_text
 from llmtrain.data.files import resolve_data_files
-from llmtrain.data.records import decode_line, first_json_record
+from llmtrain.data.records import first_json_record, is_json_array
 from llmtrain.data.sft import drop_trailing_user_turns, encode_conversation
 from llmtrain.errors import DataError, InvalidRecord, UserInputError
 from llmtrain.loss import IGNORE_INDEX
@@ -47,44 +48,14 @@ def first_record(
         )
         return where, messages
     assert isinstance(data_args, PretrainDataArguments)
-    if path.suffix == ".parquet":
-        return _first_parquet_text(path, data_args.text_field)
-    if path.suffix == ".txt":
-        with path.open("rb") as stream:
-            head = stream.readline(FIRST_RECORD_MAX_BYTES)
-        return f"{path}:1", decode_line(head, f"{path}:1")
-    found = first_json_record(path, FIRST_RECORD_MAX_BYTES)
-    if found is None:
-        return None
-    where, record = found
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    text = record.get(data_args.text_field)
-    if not isinstance(text, str):
-        problem = "missing" if text is None else f"a {type(text).__name__}, not a string"
-        raise DataError(f"{where}: field '{data_args.text_field}' is {problem} (fields: {', '.join(record) or 'none'})")
-    return where, text
-
-
-def _first_parquet_text(path: Path, text_field: str) -> tuple[str, str]:
-    """The first row's text, read from the footer and one row (no whole-file scan)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{path}: cannot be read as parquet: {error}") from error
-    schema = parquet.schema_arrow
-    if text_field not in schema.names:
-        raise DataError(f"{path}: no field '{text_field}' (fields: {', '.join(schema.names) or 'none'})")
-    column_type = schema.field(text_field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"{path}: field '{text_field}' holds {column_type}, not text")
-    if parquet.metadata.num_rows == 0:
-        raise DataError(f"{path}: the file holds no records")
-    batch = next(parquet.iter_batches(batch_size=1, columns=[text_field]))
-    return f"{path}: row 1", str(batch.column(0)[0].as_py() or "")
+    if data_suffix(path) == ".json" and is_json_array(path):
+        found = first_json_record(path, FIRST_RECORD_MAX_BYTES)  # an array is parsed whole: read only its head
+        if found is None:
+            return None
+        where, record = found
+        return where, record_text(record, data_args.text_field, where)
+    # Everything else streams, so the first document costs one line (one record batch of a parquet file).
+    return next(iter_documents(path, data_args.text_field, data_args.txt_sample_by))
 
 
 def check_data(
