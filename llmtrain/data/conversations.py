@@ -32,7 +32,7 @@ from pathlib import Path
 
 import datasets
 
-from llmtrain.data.records import JSON_SUFFIXES, UTF8_BOM, iter_json_records
+from llmtrain.data.records import JSON_SUFFIXES, UTF8_BOM, iter_json_records, read_errors_named
 from llmtrain.errors import ConfigError, DataError, InvalidRecord
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ REASONING_KEY = "reasoning_content"  # OpenAI-style reasoning of an assistant me
 
 FORMATS = ("sharegpt", "openai", "alpaca")
 ROLES = ("system", "user", "assistant")
-SUFFIXES = JSON_SUFFIXES
+SUFFIXES = (*JSON_SUFFIXES, ".jsonl.gz", ".jsonl.zst")
 # The key whose presence identifies each format, checked in this order.
 FORMAT_KEYS = {"sharegpt": "conversations", "openai": "messages", "alpaca": "instruction"}
 FORMAT_SHAPES = (
@@ -164,12 +164,12 @@ def read_conversations(
     instead and reading goes on; the file's format is then set by its first valid record.
     """
     _check_system_prompt(default_system_prompt)
-    if path.suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported conversation file type; use {' or '.join(SUFFIXES)}")
+    if not path.name.endswith(SUFFIXES):
+        raise DataError(f"{path}: unsupported conversation file type; use {', '.join(SUFFIXES)}")
     conversations: list[dict[str, object]] = []
     skipped_here = 0
     fmt = ""
-    try:
+    with read_errors_named(path):
         for where, record in iter_json_records(path, yield_invalid=skipped is not None):
             try:
                 if isinstance(record, InvalidRecord):
@@ -186,8 +186,6 @@ def read_conversations(
             conversations.append({"messages": messages, "source": where})
         if not conversations and not skipped_here and not path.read_bytes().removeprefix(UTF8_BOM).strip():
             raise DataError(f"{path}: the file is empty")
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
     if not conversations and not skipped_here:
         raise DataError(f"{path}: the file holds no records")
     logger.info(

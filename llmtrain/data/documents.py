@@ -15,19 +15,15 @@ invalid JSON or invalid UTF-8 raises :class:`~llmtrain.errors.DataError` naming 
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmtrain.data.records import decode_line, iter_json_records, parse_json_line
+from llmtrain.data.records import COMPRESSIONS, decode_line, iter_json_records, open_binary, read_errors_named
 from llmtrain.errors import DataError
 
-COMPRESSIONS = (".gz", ".zst")
 DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 # Compression is offered for the formats read line by line (a .json array or parquet is read whole or by column).
 COMPRESSIBLE = (".jsonl", ".txt")
@@ -52,22 +48,6 @@ def supported_names() -> str:
     return ", ".join([*DATA_SUFFIXES, *compressed])
 
 
-@contextlib.contextmanager
-def open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
-    """``path`` opened for reading bytes, decompressed on the fly for ``.gz`` and ``.zst``."""
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as stream:
-            yield stream
-    elif path.suffix == ".zst":
-        import zstandard
-
-        with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as decompressed:
-            yield io.BufferedReader(decompressed)
-    else:
-        with path.open("rb") as stream:
-            yield stream
-
-
 def iter_documents(path: Path, text_field: str = "text", txt_sample_by: str = "line") -> Iterator[tuple[str, str]]:
     """Yield ``(where, text)`` for every document of ``path``, in file order (blank ones included).
 
@@ -82,7 +62,7 @@ def iter_documents(path: Path, text_field: str = "text", txt_sample_by: str = "l
     suffix = data_suffix(path)
     if not suffix:
         raise DataError(f"{path}: unsupported data file type; use {supported_names()}")
-    try:
+    with read_errors_named(path):
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty")
         if suffix == ".parquet":
@@ -91,31 +71,15 @@ def iter_documents(path: Path, text_field: str = "text", txt_sample_by: str = "l
             yield from _text_documents(path, txt_sample_by)
         else:
             yield from _record_documents(path, text_field)
-    except (OSError, EOFError) as error:  # EOFError: a truncated .gz
-        raise DataError(f"{path}: cannot be read ({_describe_os_error(error)})") from error
-    except Exception as error:
-        if type(error).__name__ != "ZstdError":
-            raise
-        raise DataError(f"{path}: cannot be decompressed ({error})") from error
 
 
 def _record_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    records = _compressed_json_lines(path) if path.suffix in COMPRESSIONS else iter_json_records(path)
     found = False
-    for where, record in records:
+    for where, record in iter_json_records(path):
         found = True
         yield where, record_text(record, text_field, where)
     if not found:
         raise DataError(f"{path}: the file holds no records")
-
-
-def _compressed_json_lines(path: Path) -> Iterator[tuple[str, object]]:
-    with open_binary(path) as stream:
-        for number, raw_line in enumerate(stream, start=1):
-            where = f"{path}:{number}"
-            line = decode_line(raw_line, where)
-            if line.strip():
-                yield where, parse_json_line(line, where)
 
 
 def record_text(record: object, text_field: str, where: str) -> str:
@@ -186,8 +150,3 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]
             if value is None:
                 raise DataError(f"{path}: row {row} has no '{text_field}'")
             yield f"{path}: row {row}", value
-
-
-def _describe_os_error(error: OSError | EOFError) -> str:
-    """gzip reports a corrupt or cut-off stream as BadGzipFile (an OSError) or EOFError, with a useful message."""
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__

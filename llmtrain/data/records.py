@@ -16,14 +16,92 @@ strings may hold unescaped.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llmtrain.errors import DataError, InvalidRecord
 
 UTF8_BOM = b"\xef\xbb\xbf"
 JSON_SUFFIXES = (".jsonl", ".json")
+COMPRESSIONS = (".gz", ".zst")  # read line by line, decompressed on the fly
+
+
+@contextlib.contextmanager
+def open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
+    """``path`` opened for reading bytes, decompressed on the fly for ``.gz`` and ``.zst``."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as stream:
+            yield stream
+    elif path.suffix == ".zst":
+        with path.open("rb") as raw:
+            yield io.BufferedReader(ZstdReader(raw), buffer_size=1 << 20)
+    else:
+        with path.open("rb") as stream:
+            yield stream
+
+
+class ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a ``.zst`` stream (frames back to back, as ``zstd`` and ``pzstd`` write them).
+
+    Unlike ``zstandard``'s own stream reader, a stream cut off inside a frame raises ``EOFError``
+    instead of ending quietly with the records before the cut.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._in_frame = False  # the current frame has started and not ended
+        self._out = b""
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._offset == len(self._out):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the compressed stream ends inside a frame (a cut-off .zst file)")
+                return 0
+            self._out, self._offset = self._decompress(chunk), 0
+        size = min(len(buffer), len(self._out) - self._offset)
+        buffer[:size] = self._out[self._offset : self._offset + size]
+        self._offset += size
+        return size
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame.eof:
+                self._frame = self._new_frame()
+            out.append(self._frame.decompress(data))
+            self._in_frame = not self._frame.eof
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
+
+
+@contextlib.contextmanager
+def read_errors_named(path: Path) -> Iterator[None]:
+    """Turn an unreadable, cut-off or corrupt (compressed) file into one :class:`DataError` naming ``path``."""
+    try:
+        yield
+    except (OSError, EOFError) as error:  # EOFError: a truncated .gz; BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot be read ({getattr(error, 'strerror', None) or error})") from error
+    except Exception as error:
+        if type(error).__name__ != "ZstdError":
+            raise
+        raise DataError(f"{path}: cannot be decompressed ({error})") from error
+
+
 ARRAY_PROBE_BYTES = 64  # enough to see past a BOM and leading whitespace to a ``[``
 
 
@@ -119,7 +197,7 @@ def _line_records(
 ) -> Iterator[tuple[str, object] | None]:
     """``(path:LINE, record)`` per non-blank line; a single None once ``budget_bytes`` are read."""
     read = 0
-    with path.open("rb") as stream:
+    with open_binary(path) as stream:
         for number, raw_line in enumerate(iter(lambda: stream.readline(budget_bytes or -1), b""), start=1):
             read += len(raw_line)
             if budget_bytes is not None and (

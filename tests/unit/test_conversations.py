@@ -233,7 +233,7 @@ def test_invalid_utf8_names_its_line(tmp_path: Path) -> None:
         ("empty.jsonl", "", ": the file is empty"),
         ("blank.jsonl", "\n  \n", ": the file is empty"),
         ("empty.json", "[]", ": the file holds no records"),
-        ("notes.txt", "Hi", ": unsupported conversation file type; use .jsonl or .json"),
+        ("notes.txt", "Hi", ": unsupported conversation file type; use .jsonl, .json, .jsonl.gz, .jsonl.zst"),
         ("broken.json", '[\n  {"conversations": []},\n  {oops}\n]', ":3: invalid JSON"),
         ("bad.json", json.dumps([json.loads(turns(HI, HELLO)), 7]), ": record 2: expected a JSON object, got a number"),
         (
@@ -339,3 +339,22 @@ def test_demo_builder_asks_about_public_definitions_deterministically(tmp_path: 
     assert questions["Which module defines `walk`?"] == "`walk` is defined in the `pkg.parse` module."
     assert any("`pkg.parse.Parser.parse`" in question for question in questions)
     assert build_demo_conversations(first, limit=2, stdlib_dir=stdlib_dir) == 2
+
+
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+def test_compressed_conversation_files_read_as_their_plain_copy(compression: str, tmp_path: Path) -> None:
+    import gzip
+
+    import zstandard
+
+    plain = write_jsonl(tmp_path / "chat.jsonl", [SHAREGPT, SHAREGPT])
+    compress = gzip.compress if compression == "gz" else zstandard.ZstdCompressor().compress
+    packed = tmp_path / f"chat.jsonl.{compression}"
+    packed.write_bytes(compress(plain.read_bytes()))
+    assert [row["messages"] for row in read_conversations(packed)] == [
+        row["messages"] for row in read_conversations(plain)
+    ]
+    assert read_conversations(packed)[1]["source"] == f"{packed}:2"
+    packed.write_bytes(compress(plain.read_bytes())[:20])
+    with pytest.raises(DataError, match=rf"chat\.jsonl\.{compression}: cannot be (read|decompressed)"):
+        read_conversations(packed)

@@ -37,8 +37,8 @@ def first_record(
         raise DataError(f"{path}: the file is empty")
     if stage is SFT:
         assert isinstance(data_args, SFTDataArguments)
-        if path.suffix not in CONVERSATION_SUFFIXES:
-            raise DataError(f"{path}: unsupported conversation file type; use {' or '.join(CONVERSATION_SUFFIXES)}")
+        if not path.name.endswith(CONVERSATION_SUFFIXES):
+            raise DataError(f"{path}: unsupported conversation file type; use {', '.join(CONVERSATION_SUFFIXES)}")
         found = first_json_record(path, FIRST_RECORD_MAX_BYTES)
         if found is None:
             return None
