@@ -66,7 +66,7 @@ def run(megabytes: float = 3.0, repeats: int = 5) -> Result:
 
     ours = BatchTokenizer(tokenizer, token_dtype(len(tokenizer)))
     sides: dict[str, Callable[[list[str]], Any]] = {
-        "ours": lambda batch: ours(DocumentBatch(batch, [False] * len(batch))),
+        "ours": lambda batch: ours(DocumentBatch(batch, ["train"] * len(batch))),
         "plain": lambda batch: tokenizer(batch),
         "recipe": lambda batch: recipe_group_texts(dict(tokenizer(batch)), BLOCK_SIZE),
     }

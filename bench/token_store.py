@@ -137,7 +137,7 @@ def pipeline_speed(corpus: Path, scratch: Path) -> dict[str, float]:
                 out = scratch / f"speed-{workers}-{repeat}"
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
-                seconds = timed(lambda args=args, out=out: build_token_stores(args, tokenizer, [corpus], [], out))
+                seconds = timed(lambda args=args, out=out: build_token_stores(args, tokenizer, [[corpus]], [], out))
                 rates[f"workers_{workers}"].append(megabytes / seconds)
                 shutil.rmtree(out, ignore_errors=True)
     finally:

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from llmtrain.config.secrets import is_secret_key
+from llmtrain.config.sources import parse_sources
 from llmtrain.config.template_kwargs import parse_template_kwargs
 from llmtrain.errors import ConfigError
 from llmtrain.paths import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR
@@ -126,7 +127,10 @@ class DataArguments:
 
     train_files: list[str] | None = field(
         default=None,
-        metadata={"help": "Files, globs or directories of training data. Unset: the stage's embedded demo set."},
+        metadata={
+            "help": "Files, globs or directories of training data. Unset: the stage's embedded demo set. "
+            "Pretraining: entries may carry a weight, web/*.jsonl:0.7,code/:0.3 (each one a source)."
+        },
     )
     validation_files: list[str] | None = field(
         default=None, metadata={"help": "Held-out files; when set, validation_split_percentage is not used."}
@@ -153,6 +157,7 @@ class DataArguments:
         if self.train_files is None:
             self.train_files = [str(demo_path)]
             logger.info("train_files not set: using the embedded %s %s", demo_name, demo_path)
+        parse_sources(self.train_files)  # a weight error names train_files here, before anything runs
         if not 0.0 <= self.validation_split_percentage < 50.0:
             raise ConfigError(f"validation_split_percentage must be in [0, 50), got {self.validation_split_percentage}")
         if self.prepare_only and not self.tokenized_path:
@@ -230,6 +235,9 @@ class SFTDataArguments(DataArguments):
     def __post_init__(self) -> None:
         check_choices(self)
         self._check_common(DEMO_CONVERSATIONS_PATH, "demo conversations")
+        assert self.train_files is not None
+        if parse_sources(self.train_files)[0].weight is not None:
+            raise ConfigError("train_files: weights are for pretraining sources; SFT trains every conversation given")
         if self.max_seq_length < 8:
             raise ConfigError(f"max_seq_length must be at least 8, got {self.max_seq_length}")
         if not 0.0 <= self.max_invalid_share < 1.0:

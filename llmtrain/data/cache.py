@@ -43,6 +43,7 @@ import datasets
 import pyarrow as pa
 
 from llmtrain.config.arguments import DataArguments
+from llmtrain.config.sources import parse_sources
 from llmtrain.data.files import file_fingerprints, resolve_data_files
 from llmtrain.errors import ConfigError, DataError
 
@@ -85,6 +86,7 @@ class RawFiles:
     train_files: list[Path]
     validation_files: list[Path]
     sources: dict[str, Any]  # file fingerprints and split settings, recorded in the metadata
+    train_sources: list[tuple[str, list[Path]]]  # weighted pretraining sources: (name, files); else one
 
 
 @dataclass
@@ -313,6 +315,12 @@ def locate_prepared_data(
 def _resolve_raw_files(data_args: DataArguments, settings: dict[str, Any]) -> RawFiles:
     assert data_args.train_files is not None
     train_files = resolve_data_files(data_args.train_files, "train_files")
+    weighted = parse_sources(data_args.train_files)
+    train_sources = (
+        [(source.name, resolve_data_files(list(source.specs), "train_files")) for source in weighted]
+        if weighted[0].weight is not None
+        else [("train_files", train_files)]
+    )
     validation_files = (
         resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
     )
@@ -322,4 +330,6 @@ def _resolve_raw_files(data_args: DataArguments, settings: dict[str, Any]) -> Ra
         "validation_split_percentage": data_args.validation_split_percentage,
         **settings,
     }
-    return RawFiles(train_files, validation_files, sources)
+    if len(train_sources) > 1 or weighted[0].weight is not None:  # which files make which store
+        sources["train_sources"] = [[name, [str(path) for path in files]] for name, files in train_sources]
+    return RawFiles(train_files, validation_files, sources, train_sources)

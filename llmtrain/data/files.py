@@ -15,8 +15,9 @@ from typing import Any
 
 import datasets
 
+from llmtrain.config.sources import parse_sources
 from llmtrain.data.documents import data_suffix, supported_names
-from llmtrain.errors import DataError
+from llmtrain.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ VALIDATION_SPLIT_SEED = 20240601
 def resolve_data_files(specs: Iterable[str], field_name: str) -> list[Path]:
     """Expand files, globs and directories (searched recursively) into a sorted, de-duplicated list.
 
-    ``field_name`` is the argument the specs came from; it is named in every error.
+    ``field_name`` is the argument the specs came from; it is named in every error. A weighted
+    ``train_files`` entry (:mod:`llmtrain.data.sources`) counts by its spec.
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp()); _ = (d / "a.txt").write_text("x"); _ = (d / "b.md").write_text("y")
@@ -37,8 +39,11 @@ def resolve_data_files(specs: Iterable[str], field_name: str) -> list[Path]:
     >>> [p.name for p in resolve_data_files([str(d)], "train_files")]
     ['a.txt', 'c.jsonl.zst']
     """
+    sources = parse_sources(list(specs), field_name)
+    if sources[0].weight is not None and field_name != "train_files":
+        raise ConfigError(f"{field_name}: weights are for train_files sources; give {field_name} without them")
     found: list[Path] = []
-    for spec in specs:
+    for spec in (spec for source in sources for spec in source.specs):
         path = Path(spec).expanduser()
         if path.is_dir():
             matches = [p for p in sorted(path.rglob("*")) if p.is_file() and data_suffix(p)]

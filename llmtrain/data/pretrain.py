@@ -33,10 +33,12 @@ from torchdata.nodes import IterableWrapper, Loader, Mapper, ParallelMapper
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import PretrainDataArguments
+from llmtrain.config.sources import parse_sources
 from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.documents import iter_documents
 from llmtrain.data.files import VALIDATION_SPLIT_SEED
-from llmtrain.data.token_store import TokenBlocks, TokenStoreWriter, open_store
+from llmtrain.data.sources import WeightedBlocks
+from llmtrain.data.token_store import STORE_FILE, TokenBlocks, TokenStoreWriter, open_store
 from llmtrain.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -83,10 +85,13 @@ def concat_documents(
 
 @dataclass
 class DocumentBatch:
-    """Documents on their way to the tokenizer: texts and, per text, whether it goes to validation."""
+    """Documents on their way to the tokenizer: texts and, per text, the store it goes to.
+
+    A destination is ``"validation"``, ``"train"`` (one source) or ``"train/K"`` (weighted source K).
+    """
 
     texts: list[str]
-    validation: list[bool]
+    destinations: list[str]
 
 
 @dataclass
@@ -98,7 +103,7 @@ class ReadFailure:
 
 @dataclass
 class TokenizedBatch:
-    """A batch's tokens per split (``(tokens, lengths)``) and counts of documents and blank ones."""
+    """A batch's tokens per destination (``(tokens, lengths)``) and counts of documents and blank ones."""
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     documents: dict[str, int]
@@ -128,31 +133,48 @@ class BatchTokenizer:
                 "input_ids"
             ]
         result = TokenizedBatch({}, {}, {})
-        for split, is_validation in (("train", False), ("validation", True)):
-            chosen = [i for i, index in enumerate(kept) if batch.validation[index] == is_validation]
-            result.splits[split] = concat_documents([ids[i] for i in chosen], self.eos_token_id, self.dtype)
-            result.documents[split] = sum(flag == is_validation for flag in batch.validation)
-            result.blank[split] = result.documents[split] - len(chosen)
+        for destination in sorted(set(batch.destinations)):
+            chosen = [i for i, index in enumerate(kept) if batch.destinations[index] == destination]
+            result.splits[destination] = concat_documents([ids[i] for i in chosen], self.eos_token_id, self.dtype)
+            result.documents[destination] = batch.destinations.count(destination)
+            result.blank[destination] = result.documents[destination] - len(chosen)
         return result
 
 
-def document_batches(
-    train_files: Sequence[Path], validation_files: Sequence[Path], data_args: PretrainDataArguments
-) -> Iterator[DocumentBatch | ReadFailure]:
-    """The documents of every file, in order, in batches of ``preprocessing_batch_size``, each with its split.
+def train_destinations(train_sources: Sequence[Sequence[Path]]) -> list[str]:
+    """The store of each train source: ``train`` for one, ``train/0``, ``train/1``, ... for weighted ones.
 
-    Streaming: one batch of texts is held at a time. A bad file ends the stream with a :class:`ReadFailure`.
+    >>> train_destinations([["a"]]), train_destinations([["a"], ["b"]])
+    (['train'], ['train/0', 'train/1'])
+    """
+    return ["train"] if len(train_sources) == 1 else [f"train/{index}" for index in range(len(train_sources))]
+
+
+def document_batches(
+    train_sources: Sequence[Sequence[Path]], validation_files: Sequence[Path], data_args: PretrainDataArguments
+) -> Iterator[DocumentBatch | ReadFailure]:
+    """The documents of every file, in order, in batches of ``preprocessing_batch_size``, each with its store.
+
+    ``train_sources`` holds the files of each source (one source: one list). Documents are counted
+    across all train files for the hold-out. Streaming: one batch of texts is held at a time. A bad
+    file ends the stream with a :class:`ReadFailure`.
     """
     holdout = 0.0 if validation_files else data_args.validation_split_percentage
-    sources = [(path, False) for path in train_files] + [(path, True) for path in validation_files]
+    files = [(path, destination) for destination, paths in zip(train_destinations(train_sources), train_sources,
+                                                                strict=True) for path in paths]  # fmt: skip
+    files += [(path, "validation") for path in validation_files]
     batch = DocumentBatch([], [])
     index = 0
     try:
-        for path, is_validation_file in sources:
+        for path, destination in files:
             for _, text in iter_documents(path, data_args.text_field, data_args.txt_sample_by):
                 batch.texts.append(text)
-                batch.validation.append(is_validation_file or (holdout > 0 and held_out(index, holdout)))
-                index += 0 if is_validation_file else 1
+                if destination != "validation":
+                    destination_here = "validation" if holdout > 0 and held_out(index, holdout) else destination
+                    index += 1
+                else:
+                    destination_here = destination
+                batch.destinations.append(destination_here)
                 if len(batch.texts) == data_args.preprocessing_batch_size:
                     yield batch
                     batch = DocumentBatch([], [])
@@ -185,7 +207,14 @@ PREPROCESSING_CODE_VERSION = cache_key(
     {
         "source": "".join(
             inspect.getsource(function)
-            for function in (held_out, concat_documents, BatchTokenizer, document_batches, iter_documents)
+            for function in (
+                held_out,
+                concat_documents,
+                BatchTokenizer,
+                document_batches,
+                iter_documents,
+                train_destinations,
+            )
         )
     }
 )
@@ -206,17 +235,35 @@ def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTraine
     location = locate_prepared_data(data_args, compat, "pretrain", settings)
 
     def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
-        return build_token_stores(data_args, tokenizer, raw.train_files, raw.validation_files, staging)
+        train_sources = [files for _, files in raw.train_sources]
+        return build_token_stores(data_args, tokenizer, train_sources, raw.validation_files, staging)
 
-    def load(path: Path) -> tuple[TokenBlocks, TokenBlocks | None]:
-        return load_blocks(path, data_args.block_size)
+    assert data_args.train_files is not None
+    sources = parse_sources(data_args.train_files)
+    weights = [source.weight for source in sources if source.weight is not None]
+
+    def load(path: Path) -> tuple[TokenBlocks | WeightedBlocks, TokenBlocks | None]:
+        return load_blocks(path, data_args.block_size, weights or None)
 
     prepared = load_or_build(location, compat, build, load, "tokenized_path")
-    check_blocks(prepared, data_args.block_size)
+    check_blocks(prepared, data_args.block_size, [source.name for source in sources])
     stats = prepared.metadata["stats"]
     eval_blocks = len(prepared.eval) if prepared.eval is not None else 0
     # This run's cut of the stream, for the run manifest (the stores themselves do not depend on it).
     stats.update(block_size=data_args.block_size, train_blocks=len(prepared.train), eval_blocks=eval_blocks)
+    if isinstance(prepared.train, WeightedBlocks):
+        stats["source_shares"] = [
+            {"name": source.name, "store": f"train/{index}", **share}
+            for index, (source, share) in enumerate(
+                zip(sources, prepared.train.shares(data_args.block_size), strict=True)
+            )
+        ]
+        for share in stats["source_shares"]:
+            logger.info(
+                "source %s: weight %.3f, %d blocks held, %d drawn per epoch: %.1f%% of the tokens (%.2f passes)",
+                share["name"], share["weight"], share["blocks"], share["drawn_per_epoch"],
+                100 * share["token_share"], share["passes_per_epoch"],
+            )  # fmt: skip
     logger.info(
         "pretraining data: %d train blocks, %d eval blocks of %d tokens from %d + %d documents "
         "(%d + %d tokens; %d tokens of the final remainders not trained on) (%s)",
@@ -233,15 +280,40 @@ def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTraine
     return prepared
 
 
-def load_blocks(path: Path, block_size: int) -> tuple[TokenBlocks, TokenBlocks | None]:
-    """The train (and validation) blocks of the stores at ``path`` (a :data:`~llmtrain.data.cache.Load`)."""
-    blocks = {split: TokenBlocks(open_store(path / split), block_size) for split in SPLITS if (path / split).is_dir()}
-    return blocks["train"], blocks.get("validation")
+def load_blocks(
+    path: Path, block_size: int, weights: list[float] | None = None
+) -> tuple[TokenBlocks | WeightedBlocks, TokenBlocks | None]:
+    """The train (and validation) blocks of the stores at ``path`` (a :data:`~llmtrain.data.cache.Load`).
+
+    Weighted sources (``train/0``, ``train/1``, ...) are drawn by ``weights``, one per source.
+    """
+    validation = TokenBlocks(open_store(path / "validation"), block_size) if (path / "validation").is_dir() else None
+    if (path / "train" / STORE_FILE).is_file():
+        if weights is not None:
+            raise DataError(
+                f"tokenized_path: {path} holds one train source, but train_files gives {len(weights)} weighted ones; "
+                "prepare the weighted sources (or drop the weights)"
+            )
+        return TokenBlocks(open_store(path / "train"), block_size), validation
+    stores = sorted((p for p in (path / "train").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    if weights is None or len(weights) != len(stores):
+        raise DataError(
+            f"tokenized_path: {path} holds {len(stores)} weighted train sources, but train_files gives "
+            f"{len(weights or [])} weights; name the same sources, each with its weight"
+        )
+    return WeightedBlocks([TokenBlocks(open_store(store), block_size) for store in stores], weights), validation
 
 
-def check_blocks(prepared: PreparedData, block_size: int) -> None:
-    """Refuse a split that holds no full block (its documents are too few or blank)."""
+def check_blocks(prepared: PreparedData, block_size: int, names: Sequence[str] = ()) -> None:
+    """Refuse a split, or a weighted source (``names``: their specs), that holds no full block."""
     stats = prepared.metadata["stats"]
+    if isinstance(prepared.train, WeightedBlocks):
+        for name, source, blocks in zip(names, stats["train_sources"], prepared.train.blocks, strict=True):
+            if len(blocks) == 0:
+                raise DataError(
+                    f"train_files: source {name}: {source['documents']} documents make no full block of "
+                    f"block_size={block_size} tokens ({source['tokens']} tokens with EOS); add data or drop the source"
+                )
     for split, blocks in (("train", prepared.train), ("validation", prepared.eval)):
         if blocks is not None and len(blocks) == 0:
             field_name = "train_files" if split == "train" else "validation data"
@@ -255,11 +327,14 @@ def check_blocks(prepared: PreparedData, block_size: int) -> None:
 def build_token_stores(
     data_args: PretrainDataArguments,
     tokenizer: PreTrainedTokenizerBase,
-    train_files: list[Path],
-    validation_files: list[Path],
+    train_sources: Sequence[Sequence[Path]],
+    validation_files: Sequence[Path],
     staging: Path,
 ) -> dict[str, Any]:
     """Tokenize every document once into ``staging/train`` (and ``staging/validation``); returns the counts.
+
+    ``train_sources`` holds each source's files; several (weighted) sources get a store each,
+    ``staging/train/0``, ``staging/train/1``, ...
 
     The files are read in the main process; ``preprocessing_num_workers`` > 1 processes tokenize
     batches of documents in order, at most one batch each in flight, so memory stays bounded by a
@@ -267,12 +342,13 @@ def build_token_stores(
     """
     assert tokenizer.eos_token_id is not None
     vocab_size = len(tokenizer)
-    writers = {"train": TokenStoreWriter(staging / "train", vocab_size, tokenizer.eos_token_id)}
+    destinations = train_destinations(train_sources)
     if validation_files or data_args.validation_split_percentage > 0:
-        writers["validation"] = TokenStoreWriter(staging / "validation", vocab_size, tokenizer.eos_token_id)
+        destinations.append("validation")
+    writers = {name: TokenStoreWriter(staging / name, vocab_size, tokenizer.eos_token_id) for name in destinations}
     workers = data_args.preprocessing_num_workers or 0
-    map_fn = BatchTokenizer(tokenizer, writers["train"].dtype)
-    source = IterableWrapper(document_batches(train_files, validation_files, data_args))
+    map_fn = BatchTokenizer(tokenizer, writers[destinations[0]].dtype)
+    source = IterableWrapper(document_batches(train_sources, validation_files, data_args))
     if workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one core; no threads per worker on top
         node: Any = ParallelMapper(source, map_fn, num_workers=workers, in_order=True, method="process",
@@ -280,27 +356,40 @@ def build_token_stores(
     else:
         node = Mapper(source, map_fn)
     loader = Loader(node)
-    counts = {f"{split}_{what}": 0 for split in SPLITS for what in ("documents", "blank_documents")}
+    documents = dict.fromkeys(destinations, 0)
+    blank = dict.fromkeys(destinations, 0)
     try:
         for result in loader:
             if isinstance(result, ReadFailure):
                 raise result.error
-            for split, (tokens, lengths) in result.splits.items():
-                counts[f"{split}_documents"] += result.documents[split]
-                counts[f"{split}_blank_documents"] += result.blank[split]
-                if split in writers:
-                    writers[split].add(tokens, lengths)
+            for destination, (tokens, lengths) in result.splits.items():
+                documents[destination] += result.documents[destination]
+                blank[destination] += result.blank[destination]
+                writers[destination].add(tokens, lengths)
     finally:
         del loader, node  # stop the workers now, while the interpreter is whole
         gc.collect()
-    stores = {split: writer.close() for split, writer in writers.items()}
+    stores = {destination: writer.close() for destination, writer in writers.items()}
+    trains = [destination for destination in destinations if destination != "validation"]
+
+    def total(split: str, counts: dict[str, int]) -> int:
+        return sum(counts[d] for d in trains) if split == "train" else counts.get("validation", 0)
+
+    tokens = {destination: store["tokens"] for destination, store in stores.items()}
     stats: dict[str, Any] = {
-        **counts,
-        "documents": counts["train_documents"] + counts["validation_documents"],
-        **{f"{split}_tokens": stores[split]["tokens"] if split in stores else 0 for split in SPLITS},
-        "token_dtype": stores["train"]["dtype"],
+        **{f"{split}_documents": total(split, documents) for split in SPLITS},
+        **{f"{split}_blank_documents": total(split, blank) for split in SPLITS},
+        **{f"{split}_tokens": total(split, tokens) for split in SPLITS},
+        "token_dtype": stores[destinations[0]]["dtype"],
         "tokenizer_name_or_path": tokenizer.name_or_path or None,  # what inspect_data decodes with
     }
+    stats["documents"] = stats["train_documents"] + stats["validation_documents"]
+    if len(trains) > 1:
+        names = [str(index) for index in range(len(trains))]
+        stats["train_sources"] = [
+            {"name": name, "documents": documents[d], "blank_documents": blank[d], "tokens": tokens[d]}
+            for name, d in zip(names, trains, strict=True)
+        ]
     if "validation" in writers and stores["validation"]["documents"] == 0 and not validation_files:
         raise DataError(
             f"validation_split_percentage={data_args.validation_split_percentage} leaves no validation documents "

@@ -79,7 +79,9 @@ def test_the_store_is_readable_with_numpy_alone_and_the_index_locates_every_docu
 def test_batch_tokenizer_routes_documents_and_skips_blank_ones(tiny_tokenizer) -> None:
     tokenize = BatchTokenizer(tiny_tokenizer, np.dtype("<u2"))
     result = tokenize(
-        DocumentBatch(["first document", "   ", "held out", "second document"], [False, False, True, False])
+        DocumentBatch(
+            ["first document", "   ", "held out", "second document"], ["train", "train", "validation", "train"]
+        )
     )
     eos = tiny_tokenizer.eos_token_id
     expected = [t for text in ("first document", "second document")
@@ -87,7 +89,7 @@ def test_batch_tokenizer_routes_documents_and_skips_blank_ones(tiny_tokenizer) -
     assert result.splits["train"][0].tolist() == expected
     assert tiny_tokenizer.decode(result.splits["validation"][0]) == "held out<|endoftext|>"
     assert result.documents == {"train": 3, "validation": 1} and result.blank == {"train": 1, "validation": 0}
-    all_blank = tokenize(DocumentBatch(["", "  \n"], [False, False]))  # the tokenizer refuses an empty batch
+    all_blank = tokenize(DocumentBatch(["", "  \n"], ["train", "train"]))  # the tokenizer refuses an empty batch
     assert all_blank.splits["train"][0].size == 0 and all_blank.blank["train"] == 2
 
 
@@ -120,7 +122,7 @@ def test_the_stream_is_every_document_tokenized_with_eos_exactly(copy: str, tiny
     compress = {"plain": lambda b: b, "gz": gzip.compress, "zst": zstandard.ZstdCompressor().compress}[copy]
     corpus.write_bytes(compress(raw))
     args = data_args([corpus], tmp_path)
-    stats = build_token_stores(args, tiny_tokenizer, [corpus], [], tmp_path / "out")
+    stats = build_token_stores(args, tiny_tokenizer, [[corpus]], [], tmp_path / "out")
     store = open_store(tmp_path / "out" / "train")
     assert store.tokens().tolist() == expected_stream([DEMO_CORPUS_PATH], tiny_tokenizer)
     assert stats["train_tokens"] == store.num_tokens and not (tmp_path / "out" / "validation").exists()
@@ -131,7 +133,7 @@ def test_two_workers_write_the_same_store_as_one(tiny_tokenizer, tmp_path: Path)
     shutil.copy(DEMO_CORPUS_PATH, corpus)
     for workers in (1, 2):
         args = data_args([corpus], tmp_path, preprocessing_num_workers=workers, validation_split_percentage=10.0)
-        build_token_stores(args, tiny_tokenizer, [corpus], [], tmp_path / f"w{workers}")
+        build_token_stores(args, tiny_tokenizer, [[corpus]], [], tmp_path / f"w{workers}")
     for split in ("train", "validation"):
         for name in (TOKENS_FILE, DOCUMENTS_FILE, STORE_FILE):
             assert (tmp_path / "w1" / split / name).read_bytes() == (tmp_path / "w2" / split / name).read_bytes()
@@ -141,7 +143,7 @@ def test_two_workers_write_the_same_store_as_one(tiny_tokenizer, tmp_path: Path)
 
 def test_a_truncated_or_inconsistent_store_is_refused_naming_the_file(tiny_tokenizer, tmp_path: Path) -> None:
     args = data_args([DEMO_CORPUS_PATH], tmp_path)
-    build_token_stores(args, tiny_tokenizer, [DEMO_CORPUS_PATH], [], tmp_path / "out")
+    build_token_stores(args, tiny_tokenizer, [[DEMO_CORPUS_PATH]], [], tmp_path / "out")
     tokens = tmp_path / "out" / "train" / TOKENS_FILE
     data = tokens.read_bytes()
     tokens.write_bytes(data[:-10])
@@ -167,7 +169,7 @@ def test_inspect_data_prints_counts_and_decodes_a_block_or_a_document(
     from llmtrain.tools import inspect_data
 
     args = data_args([DEMO_CORPUS_PATH], tmp_path)
-    build_token_stores(args, tiny_tokenizer, [DEMO_CORPUS_PATH], [], tmp_path / "out")
+    build_token_stores(args, tiny_tokenizer, [[DEMO_CORPUS_PATH]], [], tmp_path / "out")
     store = open_store(tmp_path / "out" / "train")
     inspect_data.main([str(tmp_path / "out"), "--block", "1", "--block_size", "8", "--tokenizer", str(TINY_MODEL_DIR)])
     out = capsys.readouterr().out
