@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "prepare_disk": token_store.run_disk,
     "prepare_disk_qwen": token_store.run_disk_qwen,
     "prepare_memory": token_store.run_memory,
+    "train_memory": token_store.run_train_memory,
     "prepare_workers": token_store.run_workers,
     "prepare_single_worker": token_store.run_single_worker,
 }

@@ -13,7 +13,8 @@ resident memory sampled every 20 ms. Figures (targets from the issue that asked 
 * **disk**: every byte written (token store + any cache) per token: <= 2.2 with the tiny 4,096-id
   tokenizer (uint16 ids), <= 4.2 with Qwen's 151,936 (uint32; measured when ``../shared`` has the
   Qwen2.5 tokenizer, else "not measured");
-* **memory**: peak RSS of the ``--scale``x corpus / the small one: <= 1.15 (memory does not grow with the corpus);
+* **memory**: peak RSS of the ``--scale``x corpus / the small one: <= 1.15 (memory does not grow with the corpus),
+  for preparing and for a short training run (tiny model) reading the prepared store;
 * **speed**, in-process on the small corpus, one tokenizer thread everywhere: the whole pipeline
   (read, tokenize, write) with 2 workers / 1 worker >= 1.7, and 1 worker / a plain
   ``tokenizer(texts)`` batch call over the same texts already in memory >= 0.9.
@@ -65,30 +66,22 @@ def directory_bytes(directory: Path) -> int:
 
 
 def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of ``process`` and all its descendants (the tokenizing workers)."""
+    """Resident bytes of ``process`` and all its descendants (the tokenizing workers); 0 once it is gone."""
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:  # it (or a child being listed) exited meanwhile
+        return 0
     total = 0
-    for member in [process, *process.children(recursive=True)]:
+    for member in members:
         with contextlib.suppress(psutil.Error):
             total += member.memory_info().rss
     return total
 
 
-def prepare(corpus: Path, scratch: Path, workers: int, qwen: bool = False) -> dict[str, Any]:
-    """Run ``pretrain.py --prepare_only`` on ``corpus`` in a fresh process; bytes written, tokens, peak RSS, wall."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    command = [
-        sys.executable, str(REPO_ROOT / "pretrain.py"), "--prepare_only", "true",
-        "--tokenized_path", str(scratch / "tokenized"), "--train_files", str(corpus),
-        "--validation_split_percentage", "0", "--preprocessing_num_workers", str(workers),
-        "--dataset_cache_dir", str(scratch / "cache"), "--output_dir", str(scratch / "out"), "--use_cpu", "true",
-    ]  # fmt: skip
-    if qwen:
-        command += ["--config_name", str(QWEN_CONFIG), "--tokenizer_name_or_path", str(QWEN_TOKENIZER)]
-    env = {**os.environ, "HF_HOME": str(scratch / "hf"), "HF_DATASETS_CACHE": str(scratch / "hf" / "datasets"),
-           "XDG_CACHE_HOME": str(scratch / "xdg"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+def run_watched(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Run ``command``; its wall seconds and the peak resident MiB of its process tree (sampled every 20 ms)."""
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watched = psutil.Process(child.pid)
     peak = 0
     done = threading.Event()
@@ -104,13 +97,44 @@ def prepare(corpus: Path, scratch: Path, workers: int, qwen: bool = False) -> di
     output, _ = child.communicate()
     done.set()
     sampler.join()
-    wall = time.perf_counter() - start
     if child.returncode != 0:
-        raise RuntimeError(f"prepare failed ({child.returncode}):\n{output.decode(errors='replace')[-3000:]}")
+        raise RuntimeError(f"{command[1]} failed ({child.returncode}):\n{output.decode(errors='replace')[-3000:]}")
+    return time.perf_counter() - start, peak / 2**20
+
+
+def scratch_env(scratch: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HOME": str(scratch / "hf"), "HF_DATASETS_CACHE": str(scratch / "hf" / "datasets"),
+            "XDG_CACHE_HOME": str(scratch / "xdg"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
+def train_rss(tokenized: Path, scratch: Path) -> float:
+    """Peak RSS (MiB) of a short single-process pretraining run (tiny model) reading the prepared ``tokenized``."""
+    command = [
+        sys.executable, str(REPO_ROOT / "pretrain.py"), "--tokenized_path", str(tokenized), "--block_size", "256",
+        "--max_steps", "6", "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--output_dir", str(scratch / "train-out"),
+    ]  # fmt: skip
+    shutil.rmtree(scratch / "train-out", ignore_errors=True)
+    return run_watched(command, scratch, scratch_env(scratch))[1]
+
+
+def prepare(corpus: Path, scratch: Path, workers: int, qwen: bool = False) -> dict[str, Any]:
+    """Run ``pretrain.py --prepare_only`` on ``corpus`` in a fresh process; bytes written, tokens, peak RSS, wall."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    command = [
+        sys.executable, str(REPO_ROOT / "pretrain.py"), "--prepare_only", "true",
+        "--tokenized_path", str(scratch / "tokenized"), "--train_files", str(corpus),
+        "--validation_split_percentage", "0", "--preprocessing_num_workers", str(workers),
+        "--dataset_cache_dir", str(scratch / "cache"), "--output_dir", str(scratch / "out"), "--use_cpu", "true",
+    ]  # fmt: skip
+    if qwen:
+        command += ["--config_name", str(QWEN_CONFIG), "--tokenizer_name_or_path", str(QWEN_TOKENIZER)]
+    wall, peak = run_watched(command, scratch, scratch_env(scratch))
     stats = json.loads((scratch / "tokenized" / "llmtrain_meta.json").read_text())["stats"]
     written = directory_bytes(scratch)
     return {"tokens": stats["train_tokens"], "bytes": written, "bytes_per_token": written / stats["train_tokens"],
-            "peak_rss_mb": peak / 2**20, "wall_s": wall}  # fmt: skip
+            "peak_rss_mb": peak, "wall_s": wall}  # fmt: skip
 
 
 def pipeline_speed(corpus: Path, scratch: Path) -> dict[str, float]:
@@ -157,6 +181,10 @@ def measure(megabytes: float = 16.0, scale: int = 8) -> dict[str, Any]:
         figures: dict[str, Any] = {
             "small": prepare(small, root / "run-small", WORKERS),
             "large": prepare(large, root / "run-large", WORKERS),
+            "train_rss_mb": {
+                "small": train_rss(root / "run-small" / "tokenized", root / "run-small"),
+                "large": train_rss(root / "run-large" / "tokenized", root / "run-large"),
+            },
             "speed_MB_per_s": pipeline_speed(small, root / "speed"),
             "megabytes": megabytes,
             "scale": scale,
@@ -195,6 +223,12 @@ def run_memory(figures: dict[str, Any] | None = None) -> Result:
     return Result(f"Prepare: peak RSS, {figures['scale']}x corpus / 1x", ratio, 1.15, False, detail)
 
 
+def run_train_memory(figures: dict[str, Any] | None = None) -> Result:
+    rss = (figures or measure())["train_rss_mb"]
+    detail = {name: round(value, 1) for name, value in rss.items()}
+    return Result("Training peak RSS, 8x corpus / 1x", rss["large"] / rss["small"], 1.15, False, detail)
+
+
 def run_workers(figures: dict[str, Any] | None = None) -> Result:
     speed = (figures or measure())["speed_MB_per_s"]
     detail = {name: round(value, 2) for name, value in speed.items()}
@@ -215,7 +249,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=8)
     args = parser.parse_args()
     figures = measure(args.megabytes, args.scale)
-    for run in (run_disk, run_disk_qwen, run_memory, run_workers, run_single_worker):
+    for run in (run_disk, run_disk_qwen, run_memory, run_train_memory, run_workers, run_single_worker):
         print_result(run(figures))
 
 
