@@ -160,21 +160,21 @@ def document_batches(
     file ends the stream with a :class:`ReadFailure`.
     """
     holdout = 0.0 if validation_files else data_args.validation_split_percentage
-    files = [(path, destination) for destination, paths in zip(train_destinations(train_sources), train_sources,
-                                                                strict=True) for path in paths]  # fmt: skip
+    files: list[tuple[Path, str]] = []
+    for destination, paths in zip(train_destinations(train_sources), train_sources, strict=True):
+        files += [(path, destination) for path in paths]
     files += [(path, "validation") for path in validation_files]
     batch = DocumentBatch([], [])
-    index = 0
+    index = 0  # of the train documents, for the hold-out
     try:
         for path, destination in files:
             for _, text in iter_documents(path, data_args.text_field, data_args.txt_sample_by):
                 batch.texts.append(text)
-                if destination != "validation":
-                    destination_here = "validation" if holdout > 0 and held_out(index, holdout) else destination
-                    index += 1
+                if destination == "validation":
+                    batch.destinations.append(destination)
                 else:
-                    destination_here = destination
-                batch.destinations.append(destination_here)
+                    batch.destinations.append("validation" if holdout and held_out(index, holdout) else destination)
+                    index += 1
                 if len(batch.texts) == data_args.preprocessing_batch_size:
                     yield batch
                     batch = DocumentBatch([], [])

@@ -1,10 +1,12 @@
 """The data-order ledger: which batches each rank trained on at each optimizer step.
 
 Every rank appends one JSON line per optimizer step to ``<output_dir>/data_ledger/rank-<R>.jsonl``:
-``{"step": 7, "batches": ["9f1c…", "03ab…"]}``, one content hash per micro-batch (input ids and
-labels). A resumed run appends again from its checkpoint's step on, so the *effective* ledger
-keeps, for each step, the line written last. Two runs trained on the same samples in the same
-order have equal effective ledgers; a skipped or repeated batch shows as a difference.
+``{"step": 7, "batches": ["9f1c…", "03ab…"], "samples": [[12, 40], [3, 7]]}``, one content hash per
+micro-batch (input ids and labels) and the training-set indices of its samples. A resumed run
+appends again from its checkpoint's step on, so the *effective* ledger keeps, for each step, the
+line written last. Two runs trained on the same samples in the same order have equal effective
+ledgers; a skipped or repeated batch shows as a difference. Runs on different rank counts with the
+same global batch have equal :func:`samples_per_step`.
 """
 
 from __future__ import annotations
@@ -44,21 +46,29 @@ class DataLedger:
     not one sync per micro-batch.
     """
 
-    def __init__(self, output_dir: Path, rank: int) -> None:
+    def __init__(self, output_dir: Path, rank: int, world_size: int = 1) -> None:
         self.path = output_dir / LEDGER_DIR / f"rank-{rank}.jsonl"
+        self.world_size = world_size
         self.pending: list[dict[str, torch.Tensor]] = []
+        self.pending_samples: list[list[int]] = []
 
-    def record(self, batch: dict[str, Any]) -> None:
+    def record(self, batch: dict[str, Any], sample_indices: torch.Tensor | None = None) -> None:
         self.pending.append(
             {k: batch[k].detach() for k in ("input_ids", "labels") if isinstance(batch.get(k), torch.Tensor)}
         )
+        if sample_indices is not None:
+            self.pending_samples.append(sample_indices.detach().to("cpu").tolist())
 
     def end_step(self, step: int) -> None:
         digests = [batch_digest(batch) for batch in self.pending]
-        self.pending = []
+        entry: dict[str, Any] = {"step": step, "batches": digests}
+        if self.pending_samples:
+            entry["samples"] = self.pending_samples
+            entry["world_size"] = self.world_size
+        self.pending, self.pending_samples = [], []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as ledger:
-            ledger.write(json.dumps({"step": step, "batches": digests}) + "\n")
+            ledger.write(json.dumps(entry) + "\n")
 
 
 def read_ledger(output_dir: Path) -> dict[int, dict[int, list[str]]]:
@@ -73,6 +83,29 @@ def read_ledger(output_dir: Path) -> dict[int, dict[int, list[str]]]:
                 steps[int(entry["step"])] = list(entry["batches"])
         ledger[rank] = steps
     return ledger
+
+
+def samples_per_step(output_dir: Path) -> dict[int, list[int]]:
+    """The effective ledger's training-set indices per optimizer step, every rank's together, sorted.
+
+    The same for any rank count at the same global batch (see :mod:`llmtrain.data.order`). A step
+    trained again on fewer ranks after a resume counts the ranks of that last attempt only (rank 0's
+    last line for the step says how many there were).
+    """
+    steps: dict[int, dict[int, dict[str, Any]]] = {}
+    for path in sorted((output_dir / LEDGER_DIR).glob("rank-*.jsonl")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                steps.setdefault(int(entry["step"]), {})[rank] = entry  # the last line per step wins
+    result = {}
+    for step, by_rank in steps.items():
+        ranks = by_rank[0].get("world_size", len(by_rank)) if 0 in by_rank else len(by_rank)
+        result[step] = sorted(
+            index for rank in range(ranks) for batch in by_rank.get(rank, {}).get("samples", []) for index in batch
+        )
+    return result
 
 
 def ledger_differences(expected: dict[int, dict[int, list[str]]], actual: dict[int, dict[int, list[str]]]) -> list[str]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+import transformers.trainer
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -22,6 +26,7 @@ from transformers import (
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from llmtrain.config.arguments import TrainArguments
+from llmtrain.data.order import GlobalOrderBatchSampler
 from llmtrain.errors import ConfigError
 from llmtrain.loss import enable_memory_efficient_loss
 from llmtrain.metrics import ThroughputCallback, TokenCounter
@@ -33,6 +38,69 @@ from llmtrain.run.tracking import PerplexityCallback, swanlab_callbacks
 
 logger = logging.getLogger(__name__)
 
+LOADER_STATE_DIR = "dataloader"  # in a checkpoint: rank-R.pt, each rank's StatefulDataLoader state
+SAMPLE_INDEX = "sample_index"  # one sample's position in the training set, for the ledger
+SAMPLE_INDICES = "sample_indices"  # a micro-batch's, popped before the model sees the batch
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    """The training set, each sample carrying its index (:data:`SAMPLE_INDEX`) to the ledger."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], SAMPLE_INDEX: index}
+
+
+class IndexedCollator:
+    """The stage's collator, plus the micro-batch's sample indices as :data:`SAMPLE_INDICES`."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        indices = [feature.pop(SAMPLE_INDEX) for feature in features]
+        batch = self.collate(features)
+        batch[SAMPLE_INDICES] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
+class TrainLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` over the global order; ``set_epoch`` reaches its batch sampler."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: leave SIGTERM/SIGINT/SIGHUP to the rank that owns it.
+
+    A scheduler (``scancel``, ``timeout``, Ctrl-C) signals the whole process group, workers too; a
+    worker that died of it would crash its rank before the rank saved its checkpoint. The rank
+    stops its workers itself when it exits.
+    """
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def positioned_loader() -> Iterator[None]:
+    """The stock epoch loop without its skip: the train loader already stands where the checkpoint left off.
+
+    ``Trainer._run_epoch`` skips a resumed epoch's trained batches with accelerate's
+    ``skip_first_batches``, which rebuilds a plain DataLoader (and is not for a ``StatefulDataLoader``).
+    """
+    original = transformers.trainer.skip_first_batches
+    transformers.trainer.skip_first_batches = lambda dataloader, num_batches=0: dataloader
+    try:
+        yield
+    finally:
+        transformers.trainer.skip_first_batches = original
+
 
 class LlmTrainer(Trainer):
     """The HF Trainer plus a data-order ledger, the non-finite guard and the fault-injection points.
@@ -42,8 +110,12 @@ class LlmTrainer(Trainer):
     gradients are dropped before ``optimizer.step()``. So a NaN micro-batch costs its whole
     optimizer step (all micro-batches of it) under ``nonfinite_policy: skip``.
 
-    Everything else (loss, DeepSpeed, resume of model/optimizer/scheduler/RNG state and the
-    skip-based data resume) is the stock Trainer's.
+    Training data is read through torchdata's ``StatefulDataLoader`` in the global order of
+    :mod:`llmtrain.data.order` (a function of the seed and the global sample index, the same for any
+    rank count at the same global batch): every checkpoint holds each rank's loader state
+    (``dataloader/rank-R.pt``), and a resume restores it, or, on another rank count, positions the
+    order at the checkpoint's step; nothing is replayed or skipped. Everything else (loss,
+    DeepSpeed, resume of model/optimizer/scheduler/RNG state) is the stock Trainer's.
     """
 
     def __init__(self, *args: Any, step_guard: StepGuardCallback, ledger: DataLedger, faults: FaultInjector,
@@ -53,6 +125,69 @@ class LlmTrainer(Trainer):
         self.step_guard = step_guard
         self.ledger = ledger
         self.faults = faults
+        self.train_loader: TrainLoader | None = None
+
+    def get_train_dataloader(self) -> TrainLoader:
+        """This rank's share of the global order (:class:`GlobalOrderBatchSampler`), through a ``StatefulDataLoader``.
+
+        Not sharded by accelerate: the batch sampler already gives this rank its samples.
+        """
+        dataset = self.train_dataset
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        args = self.args
+        sampler = GlobalOrderBatchSampler(
+            len(dataset),  # type: ignore[arg-type]
+            micro_batch=args.per_device_train_batch_size,
+            accumulation=args.gradient_accumulation_steps,
+            rank=args.process_index,
+            world_size=args.world_size,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+        workers = args.dataloader_num_workers
+        self.train_loader = TrainLoader(
+            IndexedSamples(dataset),
+            batch_sampler=sampler,
+            collate_fn=IndexedCollator(self.data_collator),
+            num_workers=workers,
+            worker_init_fn=ignore_stop_signals,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
+        )
+        return self.train_loader
+
+    def position_train_loader(self, loader: TrainLoader, checkpoint: Path) -> None:
+        """Put ``loader`` where ``checkpoint`` left off: its saved state for this rank, else the order's position.
+
+        The saved state is used when it was written for this rank with the same layout (world size,
+        batch, accumulation, samples, seed); otherwise (another rank count) the global order is
+        positioned at the checkpoint's step, the same samples whatever the rank count.
+        """
+        sampler: GlobalOrderBatchSampler = loader.batch_sampler
+        step = self.state.global_step
+        sampler.resume_at(step)
+        saved = checkpoint / LOADER_STATE_DIR / f"rank-{self.args.process_index}.pt"
+        at_epoch_start = sampler.start_step == 0  # the saved state is the end of the previous epoch: start afresh
+        if saved.is_file() and not at_epoch_start:
+            state = torch.load(saved, weights_only=True)
+            if state.get("geometry") == sampler.geometry() and state.get("global_step") == step:
+                loader.load_state_dict(state["loader"])
+                logger.info("restored the data loader state of rank %d from %s", self.args.process_index, saved)
+                return
+            geometry = state.get("geometry") or {}
+            saved_batch = math.prod(geometry.get(key, 0) for key in ("micro_batch", "accumulation", "world_size"))
+            if saved_batch != sampler.global_batch:
+                logger.warning(
+                    "the global batch changed from %d to %d samples: the data order continues at step %d of the new "
+                    "batch size, not at the same sample (it is exact only at the same global batch)",
+                    saved_batch, sampler.global_batch, step,
+                )  # fmt: skip
+            logger.info("the data loader state in %s was saved with another layout: positioning by step", saved)
+        logger.info(
+            "data order resumes at step %d of epoch %d (global sample position %d)",
+            sampler.start_step, sampler.epoch, sampler.start_step * sampler.global_batch,
+        )  # fmt: skip
 
     def compute_loss(
         self,
@@ -67,7 +202,7 @@ class LlmTrainer(Trainer):
         if len(self.ledger.pending) == 1:  # the first micro-batch of this step is back-propagated by now
             self.faults.maybe_kill("kill_in_accumulation", step)
         micro_batch = len(self.ledger.pending)
-        self.ledger.record(inputs)
+        self.ledger.record(inputs, inputs.pop(SAMPLE_INDICES, None))
         self.token_counter.observe(inputs)
         loss: Any = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if micro_batch == 0 and self.args.process_index == 0 and self.faults.armed("nan_loss", step):
@@ -95,13 +230,24 @@ class LlmTrainer(Trainer):
                 self.args.save_total_limit = keep
             if self.args.should_save:
                 torch.save(self.args, checkpoint / TRAINING_ARGS_NAME)
+            if self.train_loader is not None:  # every rank: its own position in the order
+                (checkpoint / LOADER_STATE_DIR).mkdir(parents=True, exist_ok=True)
+                state_path = checkpoint / LOADER_STATE_DIR / f"rank-{self.args.process_index}.pt"
+                state = {
+                    "loader": self.train_loader.state_dict(),
+                    "geometry": self.train_loader.batch_sampler.geometry(),
+                    "global_step": self.state.global_step,
+                }
+                torch.save(state, state_path)
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
-        """The stock epoch, unless the run already reached ``max_steps``: then nothing is trained.
+        """The stock epoch, resumed by the loader's position, unless the run already reached ``max_steps``.
 
         A run resumed from a checkpoint at its last step (killed while saving its final model) would
         otherwise skip to that step inside the epoch and train one step more than asked. With the
-        loop left at once, ``train()`` returns and the final save is all that happens.
+        loop left at once, ``train()`` returns and the final save is all that happens. In the epoch
+        a run resumes in, the train loader is positioned from the checkpoint
+        (:meth:`position_train_loader`) instead of skipping batches.
         """
         if self.state.global_step >= self.state.max_steps:
             logger.info(
@@ -110,6 +256,13 @@ class LlmTrainer(Trainer):
                 self.state.max_steps,
             )
             self.control.should_training_stop = True
+            return
+        loader, checkpoint = kwargs.get("train_dataloader"), kwargs.get("resume_from_checkpoint")
+        resuming = kwargs.get("epoch") == kwargs.get("epochs_trained") and checkpoint is not None
+        if resuming and isinstance(loader, TrainLoader) and not self.args.ignore_data_skip:
+            self.position_train_loader(loader, Path(str(checkpoint)))
+            with positioned_loader():
+                super()._run_epoch(*args, **kwargs)
             return
         super()._run_epoch(*args, **kwargs)
 
@@ -164,7 +317,7 @@ def build_trainer(
             "validation_files or validation_split_percentage > 0, or eval_strategy: 'no'"
         )
     faults = FaultInjector(Path(str(args.output_dir)))
-    ledger = DataLedger(Path(str(args.output_dir)), args.process_index)
+    ledger = DataLedger(Path(str(args.output_dir)), args.process_index, args.world_size)
     step_guard = StepGuardCallback(args.nonfinite_policy)
     token_counter = TokenCounter()
     if args.loss_implementation != "standard":

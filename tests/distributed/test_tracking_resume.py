@@ -1,12 +1,14 @@
-"""A killed run that the launcher resumes is one SwanLab experiment, in offline mode here and in local mode
-through ``test_guards.py``'s SwanLab resume test, which makes the same assertions.
+"""A killed run that the launcher resumes is one SwanLab experiment, and no secret is written anywhere.
 
-2 CPU ranks through pretrain.sh; ``LLMTRAIN_FAULT=kill_after_step=3`` SIGKILLs every rank once
-(after checkpoint-2), the launcher's own restart resumes and finishes. Read back from the swanlog
-directory: one run directory, named with the run id of the output's ``run_manifest.json``,
-whose ``.swanlab`` file ends with a "finished" record and holds the loss of every step, those of
-the killed attempt (replayed from the checkpoint) and those of the resumed one; in local mode,
-one dashboard entry under the experiment's own name, status finished.
+2 CPU ranks through pretrain.sh in local mode (offline mode resumes through the same code; local
+mode adds the dashboard database, checked here too; a plain offline run: ``test_swanlab_offline.py``);
+``LLMTRAIN_FAULT=kill_after_step=3`` SIGKILLs every rank once (after checkpoint-2), the launcher's
+own restart resumes and finishes. Read back from the swanlog directory: one run directory, named
+with the run id of the output's ``run_manifest.json``, whose ``.swanlab`` file ends with a
+"finished" record and holds the loss of every step, those of the killed attempt (replayed from the
+checkpoint) and those of the resumed one; one dashboard entry under the experiment's own name,
+status finished. An API key (environment) and a hub token (YAML) appear in no log, saved config,
+manifest, checkpoint or recorded command line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ..conftest import REPO_ROOT, free_port, launch, train_log, wait
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 6
+API_KEY = "sk-llmtrain-test-4f7c1e2d9a"
+HUB_TOKEN = "hf_llmtrainTestToken8b3e5d"
 
 
 def command(output_dir: Path, mode: str) -> list[str]:
@@ -56,13 +60,26 @@ def read_swanlab_run(path: Path) -> tuple[dict[str, dict[int, float]], list[str]
     return scalars, finishes
 
 
-def test_a_killed_and_resumed_offline_run_is_one_finished_swanlab_experiment_with_every_step(tmp_path: Path) -> None:
-    """Offline mode; local mode is checked by the same assertions in test_guards' SwanLab resume test."""
+def test_resume_continues_the_swanlab_run_and_no_secret_is_ever_written(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    run = launch(command(output_dir, "offline"), tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()),
-                 LLMTRAIN_FAULT="kill_after_step=3")  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(f"hub_token: {HUB_TOKEN}  # must never be written anywhere\n")
+    cli = command(output_dir, "local")
+    cli.insert(2, str(config))
+    run = launch(cli, tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()),
+                 LLMTRAIN_FAULT="kill_after_step=3", SWANLAB_API_KEY=API_KEY)  # fmt: skip
     log = wait(run, tmp_path, "run.log")
-    assert_one_finished_experiment(output_dir, log, "offline")
+    run_id = json.loads((output_dir / "run_manifest.json").read_text())["run_id"]
+    assert json.loads((output_dir / "checkpoint-2" / "run_manifest.json").read_text())["run_id"] == run_id
+    # SwanLab receives the throughput keys the ThroughputCallback adds to every training log
+    run_files = list((output_dir / "swanlog").glob(f"run-*/run-{run_id}.swanlab"))
+    assert run_files and all(b"supervised_tokens_per_second" in f.read_bytes() for f in run_files)
+    assert_one_finished_experiment(output_dir, log, "local")  # one experiment, finished, every step
+
+    for path in [tmp_path / "run.log", *output_dir.rglob("*")]:
+        if path.is_file() and path != config:
+            content = path.read_bytes()
+            assert API_KEY.encode() not in content and HUB_TOKEN.encode() not in content, f"secret in {path}"
 
 
 def assert_one_finished_experiment(output_dir: Path, log: str, mode: str) -> None:

@@ -13,6 +13,7 @@ Hermetic with the tiny tokenizer's Qwen3-style template; the official templates 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,9 @@ def test_skip_leaves_bad_records_out_with_their_location_and_reason(tmp_path: Pa
     ]  # fmt: skip
 
 
-def test_skip_counts_into_the_prepared_data_and_refuses_beyond_max_invalid_share(tmp_path: Path) -> None:
+def test_skip_counts_into_the_prepared_data_and_refuses_beyond_max_invalid_share(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     tokenizer = tiny_tokenizer()
     data = write_records(tmp_path / "chat.jsonl", [*good_records(98), *DIRTY])
     common = {"train_files": [str(data)], "validation_split_percentage": 0.0, "packing": False,
@@ -267,8 +270,13 @@ def test_skip_counts_into_the_prepared_data_and_refuses_beyond_max_invalid_share
     assert message.startswith("train_files: 2 of 100 records are invalid (2.00%), more than max_invalid_share=0.01")
     assert f"{data}:99: turn 2 (gpt) has no content" in message and f"{data}:100: no assistant turn" in message
     assert not list((tmp_path / "cache").glob("*/*")), "nothing is written when the share is exceeded"
-    prepared = prepare_sft_data(SFTDataArguments(**common, invalid_records="skip", max_invalid_share=0.05), tokenizer)
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.sft"):
+        prepared = prepare_sft_data(
+            SFTDataArguments(**common, invalid_records="skip", max_invalid_share=0.05), tokenizer
+        )
     assert len(prepared.train) == 98
+    assert "invalid_records: skip left out 2 of 100 records (2.00%; no_content: 1, no_assistant_turn: 1)" in caplog.text
+    assert f"{data}:100: no assistant turn" in caplog.text  # the first locations, in the log too
     invalid = prepared.metadata["stats"]["invalid_records"]
     assert invalid["skipped"] == 2 and invalid["records"] == 100
     assert invalid["by_reason"] == {"no_content": 1, "no_assistant_turn": 1}
