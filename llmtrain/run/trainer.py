@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -79,12 +80,27 @@ class TrainLoader(StatefulDataLoader):
 def ignore_stop_signals(worker_id: int) -> None:
     """In a loader worker: leave SIGTERM/SIGINT/SIGHUP to the rank that owns it.
 
-    A scheduler (``scancel``, ``timeout``, Ctrl-C) signals the whole process group, workers too; a
-    worker that died of it would crash its rank before the rank saved its checkpoint. The rank
-    stops its workers itself when it exits.
+    A scheduler (``scancel``, ``timeout``, Ctrl-C) signals the whole process group, workers too, and
+    the launcher signals every process running the entry file; a worker that died of it would crash
+    its rank before the rank saved its checkpoint. The rank stops its workers itself
+    (:func:`stop_loader_workers`); a worker whose rank died exits by itself (torch's watchdog).
     """
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(stop, signal.SIG_IGN)
+
+
+def stop_loader_workers(loader: StatefulDataLoader) -> None:
+    """Stop ``loader``'s workers the graceful way (each is told to finish; no signal).
+
+    Registered with ``atexit`` when the loader is made, so it runs before multiprocessing's own exit
+    handler, which would SIGTERM the workers (ignored, see :func:`ignore_stop_signals`) and then wait
+    for them forever. The loader keeps its last iterator (for ``state_dict``), so its workers outlive
+    the epoch loop.
+    """
+    iterator = getattr(loader, "_iterator", None)  # torch DataLoader internals: the live iterator and its shutdown
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 @contextlib.contextmanager
@@ -155,6 +171,8 @@ class LlmTrainer(Trainer):
             persistent_workers=args.dataloader_persistent_workers and workers > 0,
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
         )
+        if workers > 0:
+            atexit.register(stop_loader_workers, self.train_loader)
         return self.train_loader
 
     def position_train_loader(self, loader: TrainLoader, checkpoint: Path) -> None:
