@@ -338,6 +338,13 @@ class TrainArguments(TrainingArguments):
             "choices": LOSS_IMPLEMENTATIONS,
         },
     )
+    checkpoint_checksums: bool = field(
+        default=False,
+        metadata={
+            "help": "Record a SHA-256 of every checkpoint file and verify it before resuming (reads every byte at "
+            "each save and resume). Off: file sizes alone are recorded and checked."
+        },
+    )
     # Set from report_to: transformers' own SwanLab hook crashes with swanlab >= 0.8, so we route it.
     use_swanlab: bool = field(default=False, init=False)
 

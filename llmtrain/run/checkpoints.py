@@ -201,8 +201,11 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
 class CompleteCheckpointCallback(TrainerCallback):
     """After every save: wait for all ranks, then (rank 0) add the run manifest, write the marker, rotate."""
 
-    def __init__(self, keep: int | None, manifest: dict[str, Any], faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self, keep: int | None, manifest: dict[str, Any], faults: FaultInjector | None = None, checksums: bool = False
+    ) -> None:
         self.keep = keep
+        self.checksums = checksums
         self.manifest = manifest
         self.faults = faults or FaultInjector(None, "")
 

@@ -52,6 +52,7 @@ VOLATILE_KEYS = frozenset(
         "ddp_timeout", "deepspeed", "use_cpu", "disable_tqdm", "log_level", "log_level_replica",
         "swanlab_project", "swanlab_experiment_name", "swanlab_mode", "swanlab_log_dir",
         "prepare_only", "preprocessing_num_workers", "tokenized_path", "dataset_cache_dir", "run_name",
+        "checkpoint_checksums",
     }
 )  # fmt: skip
 

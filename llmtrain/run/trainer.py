@@ -352,7 +352,9 @@ def build_trainer(
             ThroughputCallback(token_counter, model.config, sequence_length),  # before SwanLab, which logs its keys
             RunRecordCallback(ledger, faults),  # the step's ledger line is written before a guard can stop
             step_guard,
-            CompleteCheckpointCallback(keep=args.save_total_limit, manifest=manifest, faults=faults),
+            CompleteCheckpointCallback(
+                keep=args.save_total_limit, manifest=manifest, faults=faults, checksums=args.checkpoint_checksums
+            ),
             *swanlab_callbacks(args, manifest["config"], manifest["run_id"]),
         ],
         token_counter=token_counter,
