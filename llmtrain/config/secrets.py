@@ -21,9 +21,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
-# A key is a credential when one of its words (split at "_") is one of these, or two of them in a row are a
-# pair below: hub_token, swanlab_api_key, client_secret, db_password. Whole words, so tokenized_path and
-# include_num_input_tokens_seen are not.
+# A key is a credential when one of its words (split at "_" or "-", as HfArgumentParser also accepts --hub-token)
+# is one of these, or two of them in a row are a pair below: hub_token, swanlab_api_key, client_secret,
+# db_password. Whole words, so tokenized_path, tokenizer_name and include_num_input_tokens_seen are not.
 SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "credentials"})
 SECRET_WORD_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key")})
 # Keys whose value is a token of the vocabulary (a string such as "<|im_end|>"), not a credential.
@@ -35,12 +35,13 @@ FILTER_VALUES_VARIABLE = "LLMTRAIN_REDACT"  # the values `filter` hides, one per
 def is_secret_key(key: str) -> bool:
     """True for keys such as ``hub_token`` whose values are credentials (and must never be written out).
 
-    >>> [is_secret_key(k) for k in ("hub_token", "SWANLAB_API_KEY", "tokenized_path", "end_of_turn_token")]
-    [True, True, False, False]
+    >>> [is_secret_key(k) for k in ("hub_token", "SWANLAB_API_KEY", "hub-token", "tokenizer_name", "end_of_turn_token")]
+    [True, True, True, False, False]
     """
-    if key.lower() in VOCABULARY_TOKEN_KEYS:
+    normalised = key.lower().replace("-", "_")
+    if normalised in VOCABULARY_TOKEN_KEYS:
         return False
-    words = key.lower().split("_")
+    words = normalised.split("_")
     return not SECRET_WORDS.isdisjoint(words) or not SECRET_WORD_PAIRS.isdisjoint(itertools.pairwise(words))
 
 
