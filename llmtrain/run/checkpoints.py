@@ -1,11 +1,13 @@
 """Crash-safe checkpoints: a completion marker written last, resume from complete ones, safe rotation.
 
 A ``checkpoint-N`` folder counts only once it holds ``llmtrain_complete.json``: a manifest of
-every file in the folder (size and SHA-256) written after all ranks finished their part of the
-save, to a temporary name, fsynced and renamed into place. So a save cut off at any point leaves
-no marker, and resume skips that folder with a logged reason. The Trainer's own rotation (which
-orders by mtime and runs before the other ranks are done) is replaced by :func:`rotate`, which
-only ever deletes checkpoints older than the newest complete one.
+every file in the folder (its size; its SHA-256 too under ``checkpoint_checksums``) written after
+all ranks finished their part of the save, to a temporary name, fsynced and renamed into place.
+So a save cut off at any point leaves no marker, and resume skips that folder with a logged
+reason. Resume compares every size and, where the marker records them, every SHA-256 (a file
+changed in place, same size, is caught only then). The Trainer's own rotation (which orders by
+mtime and runs before the other ranks are done) is replaced by :func:`rotate`, which only ever
+deletes checkpoints older than the newest complete one, and checks sizes alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "llmtrain_complete.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-HASH_CHUNK_BYTES = 1 << 24
+# Per thread. 256 KiB to 16 MiB hash at the same speed here (bench/checkpoint_checksums.py); hashlib releases
+# the GIL on updates this large, so threads hashing different files run on different cores.
+HASH_CHUNK_BYTES = 1 << 20
 # A failed write with less than this left on the filesystem is taken for a full disk: torch.save then
 # reports "basic_ios::clear" or "file write failed", not ENOSPC.
 LOW_DISK_BYTES = 256 << 20
@@ -83,24 +89,75 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in bounded chunks."""
+    """SHA-256 of a file (what ``sha256sum`` prints), read in bounded chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(HASH_CHUNK_BYTES))
+    with path.open("rb", buffering=0) as stream:
+        while read := stream.readinto(buffer):
+            digest.update(buffer[:read])
     return digest.hexdigest()
 
 
-def write_completion_marker(checkpoint: Path, details: dict[str, Any]) -> None:
-    """Record every file of ``checkpoint`` (size, SHA-256) in the marker, atomically and last."""
-    files = {
-        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sha256_files(paths: Sequence[Path], workers: int | None = None) -> dict[Path, str]:
+    """The SHA-256 of every file in ``paths``, several files at a time.
+
+    ``workers`` threads (default: one per available CPU, at most one per file) each hash whole
+    files, largest first, so that the biggest file does not start last. Each digest is the plain
+    SHA-256 of the file; a single file is not split (its digest would no longer be ``sha256sum``'s).
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a").write_bytes(b"abc")
+    >>> sha256_files([folder / "a"])[folder / "a"][:16]
+    'ba7816bf8f01cfea'
+    """
+    if not paths:
+        return {}
+    ordered = sorted(paths, key=lambda path: path.stat().st_size, reverse=True)
+    threads = max(1, min(workers or available_cpus(), len(ordered)))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sha256") as pool:
+        return dict(zip(ordered, pool.map(file_sha256, ordered), strict=True))
+
+
+def _timed_sha256(checkpoint: Path, paths: Sequence[Path], done: str) -> dict[Path, str]:
+    """:func:`sha256_files`, with its cost logged at INFO: the user pays it at every save and resume."""
+    start = time.perf_counter()
+    digests = sha256_files(paths)
+    seconds = time.perf_counter() - start
+    gigabytes = sum(path.stat().st_size for path in paths) / 1e9
+    logger.info(
+        "SHA-256 of %d files (%.2f GB) of %s %s in %.2f s (%.2f GB/s)",
+        len(paths), gigabytes, checkpoint, done, seconds, gigabytes / max(seconds, 1e-9),
+    )  # fmt: skip
+    return digests
+
+
+def write_completion_marker(checkpoint: Path, details: dict[str, Any], checksums: bool = False) -> None:
+    """Record every file of ``checkpoint`` in the marker, atomically and last.
+
+    Each file's size always; its SHA-256 too with ``checksums`` (hashed in parallel, time logged).
+    The marker's ``"checksums"`` says which: ``"sha256"`` or ``"none"``.
+    """
+    paths = [
+        path
         for path in sorted(checkpoint.rglob("*"))
         if path.is_file() and not path.name.startswith(".") and path.name != COMPLETE_MARKER
+    ]
+    files: dict[str, dict[str, Any]] = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size} for path in paths
     }
+    if checksums:
+        for path, digest in _timed_sha256(checkpoint, paths, "computed").items():
+            files[path.relative_to(checkpoint).as_posix()]["sha256"] = digest
+    marker = {**details, "checksums": "sha256" if checksums else "none", "files": files}
     staging = checkpoint / f".{COMPLETE_MARKER}.tmp"
     with staging.open("w") as stream:
-        json.dump({**details, "files": files}, stream, indent=1, sort_keys=True)
+        json.dump(marker, stream, indent=1, sort_keys=True)
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(staging, checkpoint / COMPLETE_MARKER)
@@ -109,7 +166,8 @@ def write_completion_marker(checkpoint: Path, details: dict[str, Any]) -> None:
 def checkpoint_problem(checkpoint: Path, verify_checksums: bool = False) -> str | None:
     """Why ``checkpoint`` cannot be resumed from, or None when its marker and files agree.
 
-    Sizes are always compared; checksums only with ``verify_checksums`` (it reads every byte).
+    Sizes are always compared. With ``verify_checksums``, so are the SHA-256s the marker records
+    (it reads every byte; time logged); a marker written without them is checked on sizes alone.
     """
     marker = checkpoint / COMPLETE_MARKER
     if not marker.is_file():
@@ -124,8 +182,16 @@ def checkpoint_problem(checkpoint: Path, verify_checksums: bool = False) -> str 
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, the marker says {expected['size']}"
-        if verify_checksums and file_sha256(path) != expected["sha256"]:
-            return f"{name} does not match its checksum"
+    recorded = {checkpoint / name: entry["sha256"] for name, entry in files.items() if "sha256" in entry}
+    if verify_checksums and recorded:
+        digests = _timed_sha256(checkpoint, list(recorded), "checked")
+        for path in sorted(recorded):
+            if digests[path] != recorded[path]:
+                name = path.relative_to(checkpoint).as_posix()
+                return (
+                    f"{name} does not match its checksum (SHA-256 {digests[path][:12]}..., the marker says "
+                    f"{recorded[path][:12]}...): changed or damaged after the save"
+                )
     return None
 
 
@@ -167,9 +233,13 @@ def convert_to_universal(checkpoint: Path) -> Path:
 
 
 def find_resume_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir``; newer incomplete ones are logged and skipped."""
+    """The newest complete checkpoint in ``output_dir``; newer incomplete ones are logged and skipped.
+
+    Complete means every file of the marker is there with its size and, where the marker records
+    SHA-256s, its checksum (:func:`checkpoint_problem` with ``verify_checksums``).
+    """
     for checkpoint in list_checkpoints(output_dir):
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint, verify_checksums=True)
         if problem is None:
             return checkpoint
         logger.warning("skipping %s: %s", checkpoint, problem)
@@ -182,6 +252,7 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
     Only folders older than the newest complete checkpoint are candidates (newer ones may still
     be being written), so the last complete checkpoint survives until a newer one is complete.
     Incomplete folders older than it are leftovers of interrupted saves and are removed too.
+    It runs after every save, so it checks sizes only, never checksums.
     """
     if keep is None:
         return []
@@ -216,7 +287,8 @@ class CompleteCheckpointCallback(TrainerCallback):
         if state.is_world_process_zero:
             checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
             write_manifest(checkpoint, self.manifest, state.global_step)
-            write_completion_marker(checkpoint, {"global_step": state.global_step, "world_size": args.world_size})
+            details = {"global_step": state.global_step, "world_size": args.world_size}
+            write_completion_marker(checkpoint, details, checksums=self.checksums)
             rotate(Path(str(args.output_dir)), self.keep)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank runs ahead (or gets killed) believing a save is done before the marker is

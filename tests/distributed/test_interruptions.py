@@ -62,6 +62,7 @@ def sft_command(output_dir: Path) -> list[str]:
         str(output_dir), "--dataset_cache_dir", str(output_dir.parent / "cache"), "--max_seq_length", "128",
         "--per_device_train_batch_size", "2", "--disable_tqdm", "true", "--logging_steps", "1",
         "--eval_strategy", "no", "--save_steps", str(SAVE_STEPS), "--max_steps", str(STEPS), "--report_to", "none",
+        "--checkpoint_checksums", "true",
     ]  # fmt: skip
 
 
