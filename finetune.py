@@ -15,7 +15,13 @@ from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config
 from llmtrain.data.sft import PaddingCollator, check_collated_batch, collate_packed, prepare_sft_data
 from llmtrain.finetuning import apply_finetuning_method
-from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer_for
+from llmtrain.modeling import (
+    build_model,
+    check_sequence_length,
+    load_model_config,
+    load_tokenizer_for,
+    stop_at_end_of_turn,
+)
 from llmtrain.run.output_dir import inspect_output_dir
 from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
 from llmtrain.run.train import train_in_output_dir
@@ -44,7 +50,10 @@ def main(argv: list[str]) -> None:
     if start is None:
         return
     model = build_model(model_args, model_config, tokenizer, training_args.seed)
-    model = apply_finetuning_method(model, method_args, training_args.activation_checkpointing)
+    stop_at_end_of_turn(model, tokenizer, data_args.end_of_turn_token)
+    model = apply_finetuning_method(
+        model, method_args, training_args.activation_checkpointing, model_args.base_model_reference
+    )
     train_in_output_dir(
         model, tokenizer, training_args, run_config, start, data, collator, SFT.sequence_length(data_args)
     )

@@ -92,11 +92,14 @@ def resolve_target_modules(model: PreTrainedModel, spec: str, layers: list[int] 
 
 
 def apply_finetuning_method(
-    model: PreTrainedModel, args: FinetuneArguments, activation_checkpointing: bool
+    model: PreTrainedModel, args: FinetuneArguments, activation_checkpointing: bool, base_reference: str | None = None
 ) -> PreTrainedModel:
     """Freeze and wrap ``model`` for the chosen method and log the trainable share.
 
-    LoRA returns peft's wrapper, which the Trainer and ``save_pretrained`` treat as a model.
+    LoRA returns peft's wrapper, which the Trainer and ``save_pretrained`` treat as a model. Its
+    saved ``adapter_config.json`` names the base as ``base_reference`` (a hub id, or the path as the
+    user gave it; see :func:`llmtrain.paths.portable_model_reference`) instead of the absolute path
+    it was loaded from, which breaks once the adapter or the base moves.
     """
     if args.finetuning_type == "lora":
         layers = resolve_layers(args.layers_to_transform, num_layers(model))
@@ -112,6 +115,8 @@ def apply_finetuning_method(
             # Frozen embeddings give checkpointed blocks inputs without grad; LoRA needs them to.
             model.enable_input_require_grads()
         model = get_peft_model(model, config)  # type: ignore[assignment]
+        if base_reference is not None:
+            model.peft_config["default"].base_model_name_or_path = base_reference
     elif args.finetuning_type == "partial":
         _freeze_all_but_last_layers(model, args)
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)

@@ -198,3 +198,24 @@ def build_model(
         "from scratch" if model_args.from_scratch else f"from {model_args.model_name_or_path}",
     )
     return model
+
+
+def stop_at_end_of_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, end_of_turn_token: str) -> None:
+    """Make ``generate`` stop at the chat template's end of turn as well as at EOS.
+
+    Set in the model's generation config, which every save writes to ``generation_config.json``:
+    transformers' ``generate``, vLLM and TGI read their stop ids from it. A base model's config
+    names only its EOS (``<|endoftext|>`` for Qwen base models), so a fine-tuned chat model would
+    run on past ``<|im_end|>`` into a turn of its own.
+    """
+    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_token)
+    if not isinstance(end_of_turn, int) or end_of_turn == tokenizer.unk_token_id:
+        raise ConfigError(f"end_of_turn_token: {end_of_turn_token!r} is not a token of the tokenizer")
+    stops = [end_of_turn]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != end_of_turn:
+        stops.append(int(tokenizer.eos_token_id))
+    generation = model.generation_config
+    generation.eos_token_id = stops
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+    logger.info("generation stops at %s", ", ".join(tokenizer.convert_ids_to_tokens(stops)))

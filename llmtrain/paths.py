@@ -47,3 +47,55 @@ def writable_problem(path: Path) -> str | None:
     os.close(descriptor)
     os.unlink(probe)
     return None
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (``/proc``), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would have given.
+
+    Some writers create private files: safetensors writes 0600, ``tempfile.mkdtemp`` makes 0700
+    dirs. An output another user or a serving container must read gets 0666/0777 (0777 for files
+    executable by their owner) minus the umask, as ``save_pretrained``'s JSON files already have.
+
+    >>> import stat; d = Path(tempfile.mkdtemp()); f = d / "model.safetensors"; _ = f.write_bytes(b"x")
+    >>> f.chmod(0o600); old = os.umask(0o022); apply_umask(d); _ = os.umask(old)
+    >>> oct(stat.S_IMODE(f.stat().st_mode)), oct(stat.S_IMODE(d.stat().st_mode))
+    ('0o644', '0o755')
+    """
+    mask = process_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        full = 0o777 if path.is_dir() or mode & 0o100 else 0o666
+        path.chmod(full & ~mask)
+
+
+def portable_model_reference(name_or_path: str) -> str:
+    """How an adapter should name its base model: the hub id for a hub-cache snapshot, else ``name_or_path`` as given.
+
+    A hub download lives in ``…/models--ORG--NAME/snapshots/REVISION``; the id loads on any machine
+    with the hub (or its own cache), while the local path exists only here.
+
+    >>> portable_model_reference("/home/me/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/ab12")
+    'Qwen/Qwen2.5-0.5B'
+    >>> portable_model_reference("outputs/pretrain-tiny"), portable_model_reference("Qwen/Qwen3-0.6B")
+    ('outputs/pretrain-tiny', 'Qwen/Qwen3-0.6B')
+    """
+    parts = Path(name_or_path).parts
+    for index, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[index + 1] == "snapshots" and index + 3 == len(parts):
+            return part.removeprefix("models--").replace("--", "/")
+    return name_or_path

@@ -25,7 +25,7 @@ from llmtrain.config.secrets import is_secret_key
 from llmtrain.config.sources import parse_sources
 from llmtrain.config.template_kwargs import parse_template_kwargs
 from llmtrain.errors import ConfigError
-from llmtrain.paths import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR
+from llmtrain.paths import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR, portable_model_reference
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a checkpoint. Off unless you trust it."}
     )
+    # How a LoRA adapter names its base (adapter_config.json): the hub id, or the path as the user gave it.
+    base_model_reference: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -104,8 +106,10 @@ class ModelArguments:
         if not self.config_name and not self.model_name_or_path:
             self.config_name = str(TINY_MODEL_DIR)
             logger.info("neither config_name nor model_name_or_path set: using the embedded tiny Qwen2 config")
+        if self.model_name_or_path:
+            self.base_model_reference = portable_model_reference(self.model_name_or_path)
         if self.model_name_or_path and Path(self.model_name_or_path).is_dir():
-            # Recorded in adapter configs and run configs: it must resolve from any directory.
+            # Recorded in run configs and manifests: it must resolve from any directory.
             self.model_name_or_path = str(Path(self.model_name_or_path).resolve())
         if self.tokenizer_name_or_path is None:
             if self.model_name_or_path:

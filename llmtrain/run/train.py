@@ -152,6 +152,10 @@ def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any
         "train_loss": result.training_loss if trainer.state.global_step > start.resumed_step else None,
         "skipped_nonfinite": guard.skipped_nonfinite,
         "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+        # [step, eval loss] of every evaluation (step 0 with eval_on_start: the model before training).
+        "eval_losses": [
+            [entry["step"], entry["eval_loss"]] for entry in trainer.state.log_history if "eval_loss" in entry
+        ],
     }
     if args.should_save:
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))

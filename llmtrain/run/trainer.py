@@ -31,6 +31,7 @@ from llmtrain.data.order import GlobalOrderBatchSampler
 from llmtrain.errors import ConfigError
 from llmtrain.loss import enable_memory_efficient_loss
 from llmtrain.metrics import ThroughputCallback, TokenCounter
+from llmtrain.paths import apply_umask
 from llmtrain.run.checkpoints import CompleteCheckpointCallback, reporting_full_disk
 from llmtrain.run.faults import FaultInjector
 from llmtrain.run.guards import StepGuardCallback
@@ -101,6 +102,31 @@ def stop_loader_workers(loader: StatefulDataLoader) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def share_tied_entries(state_dict: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """``state_dict`` with the entries of parameters ``model`` ties together made one tensor again.
+
+    ``save_pretrained`` finds tied weights by shared storage and writes them once; the copies a
+    DeepSpeed save passes have lost that sharing. The model's own parameter objects say which
+    names are one weight (``named_parameters(remove_duplicate=False)``).
+
+    >>> layer = torch.nn.Linear(2, 2); model = torch.nn.ModuleDict({"a": layer, "b": torch.nn.Linear(2, 2)})
+    >>> model["b"].weight = layer.weight
+    >>> copies = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    >>> shared = share_tied_entries(copies, model)
+    >>> shared["a.weight"] is shared["b.weight"], shared["a.bias"] is shared["b.bias"]
+    (True, False)
+    """
+    names_by_parameter: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_parameter.setdefault(id(parameter), []).append(name)
+    shared = dict(state_dict)
+    for names in names_by_parameter.values():
+        present = [name for name in names if name in shared]
+        for name in present[1:]:
+            shared[name] = shared[present[0]]
+    return shared
 
 
 @contextlib.contextmanager
@@ -257,6 +283,19 @@ class LlmTrainer(Trainer):
                     "global_step": self.state.global_step,
                 }
                 torch.save(state, state_path)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        """The stock save, with tied weights written once and files readable as the umask says.
+
+        DeepSpeed hands the Trainer a state dict of copies, so ``save_pretrained`` no longer sees
+        that ``lm_head.weight`` is ``embed_tokens.weight`` and writes both (+545 MB at 0.5B in fp32).
+        safetensors creates its files 0600 (:func:`llmtrain.paths.apply_umask`).
+        """
+        if state_dict is not None:
+            state_dict = share_tied_entries(state_dict, self.accelerator.unwrap_model(self.model))
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            apply_umask(Path(str(output_dir if output_dir is not None else self.args.output_dir)))
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
         """The stock epoch, resumed by the loader's position, unless the run already reached ``max_steps``.

@@ -7,13 +7,16 @@
 
 Each prompt is one user turn (after ``--system`` when given), answered greedily by
 :func:`llmtrain.tools.chat.chat_reply`: the model's own chat template, stopping at ``<|im_end|>``.
-The result is a Markdown table, one row per prompt and one column per model, written to stdout
-and, with ``--output``, to a file. Models are loaded one at a time, so only one is in memory.
+The result is a Markdown table, one row per prompt and one column per model, each answer ending
+with the end-of-turn token the model generated or a cut-off note, written to stdout and, with
+``--output``, to a file. Below it, for each model a training run wrote, that run's eval loss
+before and after (from its ``train_summary.json``). Models are loaded one at a time, so only one is in memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +27,7 @@ from llmtrain.tools.chat import (
     DEFAULT_MAX_NEW_TOKENS,
     chat_reply,
     check_decoding,
+    end_of_turn_id,
     load_chat_model,
     recorded_template_kwargs,
     send_logs_to_stderr,
@@ -33,6 +37,28 @@ from llmtrain.tools.chat import (
 logger = logging.getLogger(__name__)
 
 ModelSpec = tuple[str, str | None]  # (model dir, LoRA adapter dir applied to it or None)
+CUT_OFF = "[cut off after {max_new_tokens} tokens: no end of turn]"
+SUMMARY_FILE = "train_summary.json"  # a training run's summary (llmtrain.run.output_dir.SUMMARY_FILE)
+
+
+def eval_loss_line(spec: ModelSpec) -> str | None:
+    """What training did to the eval loss of the run that wrote ``spec`` (its first and last evaluation), if recorded.
+
+    >>> import json, tempfile; run = Path(tempfile.mkdtemp())
+    >>> _ = (run / SUMMARY_FILE).write_text(json.dumps({"eval_losses": [[0, 5.25], [50, 4.5], [150, 3.0]]}))
+    >>> eval_loss_line((str(run), None)).split(": ", 1)[1]
+    'eval loss 5.250 at step 0 (before training) -> 3.000 at step 150'
+    """
+    run_dir = Path(spec[1] if spec[1] is not None else spec[0])
+    try:
+        losses = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")).get("eval_losses") or []
+    except (OSError, ValueError):
+        return None
+    if len(losses) < 2:
+        return None
+    (first_step, first), (last_step, last) = losses[0], losses[-1]
+    before = " (before training)" if first_step == 0 else ""
+    return f"{model_label(spec)}: eval loss {first:.3f} at step {first_step}{before} -> {last:.3f} at step {last_step}"
 
 
 def model_label(spec: ModelSpec) -> str:
@@ -45,6 +71,10 @@ def compare(
     models: list[ModelSpec], prompts: list[str], max_new_tokens: int, system: str | None = None
 ) -> list[list[str]]:
     """Greedy answers to each prompt from each model: ``answers[prompt_index][model_index]``.
+
+    Each answer ends with the end-of-turn token the model generated (``<|im_end|>``), or with
+    :data:`CUT_OFF` when ``max_new_tokens`` ran out first: whether a model ends its turn is what
+    chat fine-tuning teaches first.
 
     Each ``(model_dir, adapter_dir)`` is loaded once (see :func:`load_chat_model`) and answers
     every prompt as a fresh single-turn conversation before the next model is loaded, with the
@@ -62,7 +92,8 @@ def compare(
             answer, stopped = chat_reply(model, tokenizer, messages, max_new_tokens, template_kwargs=template_kwargs)
             if not stopped:
                 logger.warning("%s: the answer to prompt %d did not end its turn (truncated)", label, index + 1)
-            answers[index].append(answer)
+            ending = str(tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))) if stopped else CUT_OFF
+            answers[index].append(f"{answer} {ending.format(max_new_tokens=max_new_tokens)}")
         del model
     return answers
 
@@ -131,6 +162,8 @@ def main(argv: list[str]) -> None:
     check_decoding(args.max_new_tokens, 0.0)
     answers = compare(models, prompts, args.max_new_tokens, system=args.system)
     table = markdown_table(prompts, [model_label(spec) for spec in models], answers)
+    notes = [line for spec in models if (line := eval_loss_line(spec)) is not None]
+    table += "".join(f"\n{line}" for line in notes) + ("\n" if notes else "")
     sys.stdout.write(table)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
 from llmtrain.modeling import load_tokenizer
+from llmtrain.paths import apply_umask
 from llmtrain.run.manifest import MANIFEST_FILE
 from llmtrain.tiny_default import IM_END
 from llmtrain.tools.chat import (
@@ -101,6 +102,13 @@ def resolve_base(adapter_config: dict[str, Any], adapter_dir: Path, base_dir: st
     base = base_dir or adapter_config.get("base_model_name_or_path")
     if not base:
         raise UserInputError(f"{adapter_dir}: the adapter config names no base_model_name_or_path; pass --base")
+    if base_dir is None and not Path(base).exists():
+        if Path(base).is_absolute() or len(Path(base).parts) > 2 or base.startswith("."):
+            raise UserInputError(
+                f"{adapter_dir}: the adapter's base model {base} does not exist here (a path is relative to the "
+                "directory training ran in); pass --base with the base model's path or hub id"
+            )
+        logger.info("%s is not a local path: loading it as a hub id (--base names another base)", base)
     return str(base)
 
 
@@ -113,7 +121,7 @@ def save_dtype(base: str, dtype: str) -> torch.dtype:
     try:
         stated = getattr(AutoConfig.from_pretrained(base, trust_remote_code=False), "dtype", None)
     except (OSError, ValueError) as error:
-        raise UserInputError(f"cannot load a model config from {base}: {error}") from error
+        raise UserInputError(f"cannot load a model config from {base} (--base names another base): {error}") from error
     if isinstance(stated, str):
         stated = SAVE_DTYPES.get(stated)
     return stated if isinstance(stated, torch.dtype) else torch.float32
@@ -133,6 +141,7 @@ def save_atomically(
         tokenizer.save_pretrained(staging)
         for path in extra_files:
             shutil.copy2(path, staging / path.name)
+        apply_umask(staging)  # mkdtemp made it 0700 and safetensors writes 0600: readable as any save_pretrained output
         check_output_dir(output_dir)
         if output_dir.is_dir():
             output_dir.rmdir()

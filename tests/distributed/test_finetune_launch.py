@@ -7,7 +7,9 @@ multi-turn reasoning data, then merges the adapter and chats with the result, as
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..conftest import (
     REPO_ROOT,
@@ -90,14 +92,29 @@ def test_lora_sft_on_two_ranks_changes_only_the_adapter(sft_inputs: tuple[Path, 
 def test_full_sft_on_two_ranks_updates_the_weights(sft_inputs: tuple[Path, Path], tmp_path: Path) -> None:
     base, data = sft_inputs
     output_dir = tmp_path / "full"
-    run_two_ranks(finetune_command(base, data, output_dir, "--max_steps", "6", "--finetuning_type", "full"), tmp_path)
+    umask = os.umask(0o022)  # the launch inherits it: the common default, under which files are 0644
+    try:
+        command = finetune_command(base, data, output_dir, "--max_steps", "6", "--finetuning_type", "full")
+        run_two_ranks(command, tmp_path)
+    finally:
+        os.umask(umask)
     summary = read_summary(output_dir)
     assert (summary["engine"], summary["zero_stage"], summary["world_size"]) == ("DeepSpeedEngine", 2, 2)
     tuned = load_file(output_dir / "model.safetensors")
     original = load_file(base / "model.safetensors")
-    assert original.keys() <= tuned.keys()  # DeepSpeed's gathered state dict also spells out the tied lm_head
+    assert "lm_head.weight" not in original  # tied to embed_tokens: save_pretrained writes it once
+    assert tuned.keys() == original.keys() == load_file(output_dir / "checkpoint-6" / "model.safetensors").keys()
     assert any(not torch.equal(tuned[key], original[key]) for key in original)
     assert not (output_dir / "adapter_config.json").exists()
+    for path in (output_dir / "model.safetensors", output_dir / "checkpoint-6" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, f"{path} must be readable like any save_pretrained file"
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert model.generation_config.eos_token_id == [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.eos_token_id,
+    ]
 
 
 def test_qwen3_lora_on_reasoning_data_resumes_after_sigkill_then_merges_and_chats(tmp_path: Path) -> None:

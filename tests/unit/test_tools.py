@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,7 +123,14 @@ def test_merged_model_equals_base_plus_adapter_and_differs_from_base(
 
 def test_merged_dir_is_a_complete_chat_model(adapter_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / "merged"
-    merge.merge_adapter(adapter_dir, output)
+    umask = os.umask(0o022)
+    try:
+        merge.merge_adapter(adapter_dir, output)
+    finally:
+        os.umask(umask)
+    # Readable by a serving container or another user (mkdtemp makes 0700, safetensors writes 0600).
+    assert stat.S_IMODE(output.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(path.stat().st_mode) for path in output.iterdir()} == {0o644}
 
     names = {path.name for path in output.iterdir()}
     assert {"model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json"} <= names
@@ -268,7 +277,8 @@ def test_compare_one_answer_per_prompt_and_model(chat_model_dir: Path, base_dir:
 
     assert len(answers) == len(prompts)
     assert all(len(row) == len(models) and all(isinstance(a, str) for a in row) for row in answers)
-    assert answers[0][0] == ANSWER
+    assert answers[0][0] == f"{ANSWER} {IM_END}"  # ended its turn
+    assert answers[1][2].endswith("[cut off after 8 tokens: no end of turn]")  # the random base rambles on
 
 
 def test_compare_cli_writes_a_markdown_table(
@@ -294,7 +304,7 @@ def test_compare_cli_writes_a_markdown_table(
     assert len(lines) == 2 + 3  # header, separator, one row per prompt
     assert all(unescaped_pipes(line) == 3 + 2 for line in lines)  # prompt column + 3 models
     assert lines[0] == f"| prompt | {chat_model_dir} | {base_dir} | {base_dir} + {adapter_dir} |"
-    assert lines[2].startswith(f"| {QUESTION} | {ANSWER} |")
+    assert lines[2].startswith(f"| {QUESTION} | {ANSWER} {compare.markdown_cell(IM_END)} |")
     assert [line.split(" | ")[0] for line in lines[3:]] == ["| Say something.", "| Name a colour."]
 
 
