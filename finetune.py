@@ -3,7 +3,7 @@
     bash finetune.sh [configs/X.yaml] [--key value ...]      # launcher: GPUs, CPU ranks, nodes
     python finetune.py [configs/X.yaml] [--key value ...]    # one process, no DeepSpeed
 
-With no config, configs/sft_tiny_lora.yaml is used: LoRA on the tiny model that
+With no config, configs/sft_tiny_full.yaml is used: full fine-tuning of the tiny model that
 `bash pretrain.sh` wrote to outputs/pretrain-tiny, with the embedded demo conversations.
 """
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: set up .venv, then the whole chain on the embedded tiny default
-# (CPU is fine, ~6 minutes): pretrain -> SFT (LoRA) -> merge the adapter -> one chat answer.
+# (CPU is fine, ~6 minutes): pretrain -> SFT -> what SFT changed (base vs fine-tuned, same questions).
 # Each step is resumable and skipped when already finished, so rerunning is cheap.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -8,13 +8,11 @@ cd "$ROOT"
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 
-echo "=== 1/4 pretrain the tiny Qwen2 on the demo corpus -> outputs/pretrain-tiny"
+echo "=== 1/3 pretrain the tiny Qwen2 on the demo corpus -> outputs/pretrain-tiny"
 bash pretrain.sh
-echo "=== 2/4 LoRA SFT on the demo conversations -> outputs/sft-tiny-lora"
+echo "=== 2/3 full SFT on the demo conversations -> outputs/sft-tiny-full"
 bash finetune.sh
-echo "=== 3/4 merge the adapter into a standalone model -> outputs/sft-tiny-merged"
-if [[ ! -f outputs/sft-tiny-merged/model.safetensors ]]; then
-  "$PY" -m llmtrain.tools.merge --adapter outputs/sft-tiny-lora --output outputs/sft-tiny-merged
-fi
-echo "=== 4/4 one chat answer from the merged model"
-"$PY" -m llmtrain.tools.chat --model outputs/sft-tiny-merged --prompt "Which module defines \`dumps\`?" --max_new_tokens 48
+echo "=== 3/3 what SFT changed: the same questions to the pretrained and the fine-tuned model"
+# Greedy answers side by side; each ends with the <|im_end|> the model generated, or a cut-off note.
+"$PY" -m llmtrain.tools.compare --models outputs/pretrain-tiny outputs/sft-tiny-full \
+  --prompts "What does \`shutil.copy\` do?" "What is \`collections.OrderedDict\`?" --max_new_tokens 48

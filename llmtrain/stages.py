@@ -6,7 +6,7 @@ costs nothing (pathlib only): :meth:`Stage.dataclass_types` imports the argument
 them transformers, only when called, so the launcher can look up a stage's default config fast.
 
 >>> find_stage("finetune").name, find_stage("finetune.py").default_config.name
-('sft', 'sft_tiny_lora.yaml')
+('sft', 'sft_tiny_full.yaml')
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ SFT = Stage(
     name="sft",
     entry_file="finetune.py",
     launcher="finetune.sh",
-    default_config=CONFIGS_DIR / "sft_tiny_lora.yaml",
+    default_config=CONFIGS_DIR / "sft_tiny_full.yaml",
     length_field="max_seq_length",
     argument_names=("ModelArguments", "SFTDataArguments", "FinetuneArguments", "TrainArguments"),
 )

@@ -205,3 +205,11 @@ def test_the_log_filter_hides_a_value_split_across_reads() -> None:
         assert b"".join(redact_chunks(chunks, [secret])) == stream.replace(secret, b"***")
     # a partial match at the end is held back only until the stream ends: nothing is lost
     assert list(redact_chunks([b"ok hf_ab"], [secret])) == [b"ok ", b"hf_ab"]
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_a_shipped_configs_usage_lines_name_that_config(config: Path) -> None:
+    usage = [line for line in config.read_text().splitlines() if line.startswith("#") and ".sh configs/" in line]
+    named = {word for line in usage for word in line.split()}
+    named_configs = {word for word in named if word.startswith("configs/") and word.endswith(".yaml")}
+    assert named_configs <= {f"configs/{config.name}"}, f"{config.name}'s comments name {named_configs}"

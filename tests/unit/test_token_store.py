@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +99,17 @@ def test_the_hold_out_depends_on_the_document_position_only() -> None:
     assert not any(held_out(i, 0.0) for i in range(1000))
 
 
+SLICE_DOCUMENTS = 400  # of the demo corpus's 2,418: dozens of batches of 7 per run; the rest only costs time
+
+
+def demo_slice(tmp_path: Path) -> Path:
+    """The first :data:`SLICE_DOCUMENTS` documents of the demo corpus, as a JSON-lines file."""
+    path = tmp_path / "demo-slice.jsonl"
+    if not path.exists():
+        path.write_bytes(b"".join(DEMO_CORPUS_PATH.read_bytes().splitlines(keepends=True)[:SLICE_DOCUMENTS]))
+    return path
+
+
 def data_args(files: list[Path], tmp_path: Path, **overrides: object) -> PretrainDataArguments:
     settings: dict[str, object] = {"train_files": [str(f) for f in files], "dataset_cache_dir": str(tmp_path / "cache"),
                                    "validation_split_percentage": 0.0, "preprocessing_batch_size": 7}  # fmt: skip
@@ -118,19 +128,18 @@ def expected_stream(paths: list[Path], tokenizer) -> list[int]:
 @pytest.mark.parametrize("copy", ["plain", "gz", "zst"])
 def test_the_stream_is_every_document_tokenized_with_eos_exactly(copy: str, tiny_tokenizer, tmp_path: Path) -> None:
     corpus = tmp_path / f"corpus.jsonl{'' if copy == 'plain' else '.' + copy}"
-    raw = DEMO_CORPUS_PATH.read_bytes()
+    raw = demo_slice(tmp_path).read_bytes()
     compress = {"plain": lambda b: b, "gz": gzip.compress, "zst": zstandard.ZstdCompressor().compress}[copy]
     corpus.write_bytes(compress(raw))
     args = data_args([corpus], tmp_path)
     stats = build_token_stores(args, tiny_tokenizer, [[corpus]], [], tmp_path / "out")
     store = open_store(tmp_path / "out" / "train")
-    assert store.tokens().tolist() == expected_stream([DEMO_CORPUS_PATH], tiny_tokenizer)
+    assert store.tokens().tolist() == expected_stream([demo_slice(tmp_path)], tiny_tokenizer)
     assert stats["train_tokens"] == store.num_tokens and not (tmp_path / "out" / "validation").exists()
 
 
 def test_two_workers_write_the_same_store_as_one(tiny_tokenizer, tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.jsonl"
-    shutil.copy(DEMO_CORPUS_PATH, corpus)
+    corpus = demo_slice(tmp_path)
     for workers in (1, 2):
         args = data_args([corpus], tmp_path, preprocessing_num_workers=workers, validation_split_percentage=10.0)
         build_token_stores(args, tiny_tokenizer, [[corpus]], [], tmp_path / f"w{workers}")
@@ -142,8 +151,8 @@ def test_two_workers_write_the_same_store_as_one(tiny_tokenizer, tmp_path: Path)
 
 
 def test_a_truncated_or_inconsistent_store_is_refused_naming_the_file(tiny_tokenizer, tmp_path: Path) -> None:
-    args = data_args([DEMO_CORPUS_PATH], tmp_path)
-    build_token_stores(args, tiny_tokenizer, [[DEMO_CORPUS_PATH]], [], tmp_path / "out")
+    corpus = demo_slice(tmp_path)
+    build_token_stores(data_args([corpus], tmp_path), tiny_tokenizer, [[corpus]], [], tmp_path / "out")
     tokens = tmp_path / "out" / "train" / TOKENS_FILE
     data = tokens.read_bytes()
     tokens.write_bytes(data[:-10])
@@ -168,8 +177,8 @@ def test_inspect_data_prints_counts_and_decodes_a_block_or_a_document(
 ) -> None:
     from llmtrain.tools import inspect_data
 
-    args = data_args([DEMO_CORPUS_PATH], tmp_path)
-    build_token_stores(args, tiny_tokenizer, [[DEMO_CORPUS_PATH]], [], tmp_path / "out")
+    corpus = demo_slice(tmp_path)
+    build_token_stores(data_args([corpus], tmp_path), tiny_tokenizer, [[corpus]], [], tmp_path / "out")
     store = open_store(tmp_path / "out" / "train")
     inspect_data.main([str(tmp_path / "out"), "--block", "1", "--block_size", "8", "--tokenizer", str(TINY_MODEL_DIR)])
     out = capsys.readouterr().out
@@ -180,7 +189,7 @@ def test_inspect_data_prints_counts_and_decodes_a_block_or_a_document(
     block = store.tokens()[8:16].tolist()
     assert lines[1] == f"ids: {block}" and out.split("\ntext: ", 1)[1] == f"{tiny_tokenizer.decode(block)}\n"
     inspect_data.main([str(tmp_path / "out" / "train"), "--document", "0", "--tokenizer", str(TINY_MODEL_DIR)])
-    first = next(text for _, text in iter_documents(DEMO_CORPUS_PATH) if text.strip())
+    first = next(text for _, text in iter_documents(corpus) if text.strip())
     assert capsys.readouterr().out.split("\ntext: ", 1)[1] == f"{first}<|endoftext|>\n"
     (tmp_path / "out" / "train" / TOKENS_FILE).write_bytes(b"\0\0")
     with pytest.raises(UserInputError, match=r"damaged token store: .*tokens\.bin: 2 bytes, expected"):
