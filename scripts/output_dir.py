@@ -31,10 +31,13 @@ def find_output_dir(argv: list[str]) -> str:
         if isinstance(output_dir, list | dict):
             raise ConfigError(f"{config.where('output_dir')}: 'output_dir' takes a single path")
     for index, arg in enumerate(overrides):
-        if arg == "--output_dir" and index + 1 < len(overrides):
+        flag, has_value, value = arg.partition("=")
+        if flag not in ("--output_dir", "--output-dir"):  # the parser takes both spellings
+            continue
+        if has_value:
+            output_dir = value
+        elif index + 1 < len(overrides):
             output_dir = overrides[index + 1]
-        elif arg.startswith("--output_dir="):
-            output_dir = arg.split("=", 1)[1]
     return str(output_dir) if output_dir not in (None, "") else DEFAULT_OUTPUT_DIR
 
 

@@ -8,7 +8,8 @@ Runs the stage's launcher (``pretrain.sh`` / ``finetune.sh``, so the same ranks,
 config and GPUs as a real launch; ``NPROC=2`` for two CPU ranks) twice from scratch, each for
 ``--steps`` optimizer steps with a checkpoint every ``--save_every`` steps:
 
-1. ``reference``: uninterrupted;
+1. ``reference``: uninterrupted (or ``--reference DIR``, a finished run of the same config and
+   steps, reused);
 2. ``resumed``: every rank is SIGKILLed right after step ``--kill_after`` (see
    :mod:`llmtrain.run.faults`, ``--fault`` picks another point), and the launcher's automatic
    restart resumes it from the last complete checkpoint.
@@ -165,6 +166,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--resume_nproc", type=int, help="resume on this many ranks (same global batch) and compare samples per step"
     )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="a finished uninterrupted run of the same config and steps: compare with it instead of running one",
+    )
     options, user_args = parser.parse_known_args(argv)
     if not options.save_every <= options.kill_after <= options.steps:
         raise ConfigError("need --save_every <= --kill_after <= --steps (a checkpoint must exist before the kill)")
@@ -177,16 +183,20 @@ def main(argv: list[str]) -> None:
         "--eval_strategy", "no", "--report_to", "none", "--bf16", "false", "--disable_tqdm", "true",
         "--dataset_cache_dir", str(workdir / "dataset_cache"),
     ]  # fmt: skip
-    launch(options.stage, user_args, workdir / "reference", None, run_args)
+    reference = options.reference.resolve() if options.reference else workdir / "reference"
+    if options.reference is None:
+        launch(options.stage, user_args, reference, None, run_args)
+    elif not (reference / SUMMARY_FILE).is_file():
+        raise ConfigError(f"--reference {options.reference}: no {SUMMARY_FILE}, so not a finished run")
     fault = f"{options.fault}={options.kill_after}"
     if options.resume_nproc:
         resumed = workdir / "resumed"
         launch(options.stage, user_args, resumed, fault, run_args, restarts=0, log_name="interrupted.log")
-        accumulation = elastic_accumulation(workdir / "reference", options.resume_nproc)
+        accumulation = elastic_accumulation(reference, options.resume_nproc)
         launch(options.stage, user_args, resumed, None, [*run_args, "--gradient_accumulation_steps", str(accumulation)],
                nproc=options.resume_nproc)  # fmt: skip
-        problems = sample_differences(workdir / "reference", resumed)
-        losses = step_losses(workdir / "reference"), step_losses(resumed)
+        problems = sample_differences(reference, resumed)
+        losses = step_losses(reference), step_losses(resumed)
         largest = max((abs(losses[0][s] - losses[1][s]) for s in losses[0].keys() & losses[1].keys()), default=0.0)
         if problems:
             for problem in problems:
@@ -199,15 +209,15 @@ def main(argv: list[str]) -> None:
         )  # fmt: skip
         return
     launch(options.stage, user_args, workdir / "resumed", fault, run_args)
-    problems = compare_runs(workdir / "reference", workdir / "resumed", options.atol)
+    problems = compare_runs(reference, workdir / "resumed", options.atol)
     if problems:
         for problem in problems:
             logger.error("verify_resume: %s", problem)
         raise SystemExit(1)
     logger.info(
         "verify_resume: identical: %d step losses, %d weight tensors and the data order of every rank match",
-        len(step_losses(workdir / "reference")),
-        len(final_weights(workdir / "reference")),
+        len(step_losses(reference)),
+        len(final_weights(reference)),
     )
 
 

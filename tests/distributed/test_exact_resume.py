@@ -144,15 +144,18 @@ def test_verify_resume_on_a_lora_sft_config(tmp_path: Path) -> None:
     assert summary["global_step"] == 5 and summary["resumed_from"] is not None
 
 
-def test_a_two_rank_run_resumed_on_one_rank_trains_the_same_samples_step_for_step(tmp_path: Path) -> None:
+def test_a_two_rank_run_resumed_on_one_rank_trains_the_same_samples_step_for_step(
+    reference: Path, tmp_path: Path
+) -> None:
     """verify_resume's elastic mode: killed on 2 ranks after step 4, resumed from checkpoint-3 on 1 rank with
-    doubled accumulation (the same global batch), through a universal checkpoint."""
+    doubled accumulation (the same global batch), through a universal checkpoint; compared with this module's
+    uninterrupted 2-rank run (``--reference``)."""
     import subprocess
 
     workdir = tmp_path / "verify"
     command = [
         sys.executable, "-m", "llmtrain.tools.verify_resume", "pretrain", "--steps", str(STEPS), "--kill_after", "4",
-        "--save_every", "3", "--workdir", str(workdir), "--resume_nproc", "1",
+        "--save_every", "3", "--workdir", str(workdir), "--resume_nproc", "1", "--reference", str(reference),
         "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2", "--save_total_limit", "10",
     ]  # fmt: skip
     env = subprocess_env(tmp_path, NPROC="2", MASTER_PORT=str(free_port()))
