@@ -13,13 +13,14 @@ import sys
 
 from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config
-from llmtrain.data.sft import PaddingCollator, check_collated_batch, collate_packed, prepare_sft_data
+from llmtrain.data.sft import PaddingCollator, check_collated_batch, packed_collator, prepare_sft_data
 from llmtrain.finetuning import apply_finetuning_method
 from llmtrain.modeling import (
     build_model,
     check_sequence_length,
     load_model_config,
     load_tokenizer_for,
+    resolve_attn_implementation,
     stop_at_end_of_turn,
 )
 from llmtrain.run.output_dir import inspect_output_dir
@@ -45,7 +46,12 @@ def main(argv: list[str]) -> None:
         return
     with training_args.main_process_first(desc="encode conversations"):
         data = prepare_sft_data(data_args, tokenizer)
-    collator = collate_packed if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
+    attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
+    collator = (
+        packed_collator(attn_implementation, tokenizer.pad_token_id)
+        if data_args.packing
+        else PaddingCollator(tokenizer.pad_token_id)
+    )
     check_collated_batch(collator([data.train[i] for i in range(min(MASK_CHECK_ROWS, len(data.train)))]))
     if start is None:
         return

@@ -235,6 +235,42 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def resolve_loss_backend(requested: str, liger_installed: bool, cuda: bool) -> tuple[str, str | None]:
+    """The loss backend to install for ``requested`` on this machine, and a warning when it is not the one asked for.
+
+    ``auto`` takes Liger's fused linear cross-entropy where it can run (installed, CUDA), else the
+    chunked loss. ``liger`` where it cannot run falls back to ``chunked`` with a warning, not a
+    crash: a config written for a GPU node stays usable on a CPU box.
+
+    >>> resolve_loss_backend("auto", True, True), resolve_loss_backend("auto", True, False)
+    (('liger', None), ('chunked', None))
+    >>> backend, warning = resolve_loss_backend("liger", False, True); backend, warning.split(";")[0]
+    ('chunked', 'loss_implementation: liger needs the liger-kernel package, which is not installed')
+    """
+    if requested not in ("auto", "liger", "chunked"):
+        raise ValueError(f"backend must be auto, liger or chunked, got {requested!r}")
+    runs_here = liger_installed and cuda
+    if requested == "auto":
+        return ("liger" if runs_here else "chunked"), None
+    if requested == "liger" and not runs_here:
+        why = (
+            "needs the liger-kernel package, which is not installed"
+            if not liger_installed
+            else "needs a CUDA GPU (its kernels are Triton)"
+        )
+        return "chunked", f"loss_implementation: liger {why}; using the chunked loss"
+    return requested, None
+
+
+def liger_kernels_problem(use_cpu: bool) -> str | None:
+    """Why Liger's model patches (RMSNorm, RoPE, SwiGLU) cannot run here, or None when they can."""
+    if not liger_available():
+        return "the liger-kernel package is not installed"
+    if use_cpu or not torch.cuda.is_available():
+        return "Liger's kernels are Triton and need a CUDA GPU"
+    return None
+
+
 def enable_memory_efficient_loss(model: nn.Module, chunk_size: int | None = None, backend: str = "auto") -> str:
     """Make the model's training loss skip full-vocabulary logits; return the backend used.
 
@@ -250,7 +286,8 @@ def enable_memory_efficient_loss(model: nn.Module, chunk_size: int | None = None
 
     ``backend``: ``"auto"`` uses Liger-Kernel's fused linear cross-entropy when it is importable
     and CUDA is available (checked per call: a batch on the CPU still takes ours), else our chunked
-    loss; ``"liger"`` or ``"chunked"`` insist on one. Training mode only: in eval mode the original
+    loss; ``"liger"`` or ``"chunked"`` insist on one (``"liger"`` where it cannot run: the chunked
+    loss and a warning, see :func:`resolve_loss_backend`). Training mode only: in eval mode the original
     forward runs, so evaluation still gets logits. Returns the backend installed; calling it
     again returns the backend already installed.
     """
@@ -258,12 +295,9 @@ def enable_memory_efficient_loss(model: nn.Module, chunk_size: int | None = None
     installed = getattr(causal_lm, PATCHED_MARKER, None)
     if installed is not None:
         return str(installed)
-    if backend not in ("auto", "liger", "chunked"):
-        raise ValueError(f"backend must be auto, liger or chunked, got {backend!r}")
-    if backend == "liger" and not liger_available():
-        raise ValueError("backend 'liger' needs the liger-kernel package (pip install liger-kernel)")
-    if backend == "auto":
-        backend = "liger" if liger_available() and torch.cuda.is_available() else "chunked"
+    backend, warning = resolve_loss_backend(backend, liger_available(), torch.cuda.is_available())
+    if warning is not None:
+        logger.warning(warning)
     original_forward = causal_lm.forward
 
     def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Any, loss_kwargs: dict[str, Any]) -> Any:

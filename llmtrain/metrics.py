@@ -22,6 +22,10 @@ from transformers import TrainingArguments as HFTrainingArguments
 
 from llmtrain.loss import IGNORE_INDEX
 
+# A collated batch's count of padding positions, where no 2-D attention mask says which they are (packed rows
+# kept as rows: a mask would switch off transformers' packed-sequence attention). Popped before the model call.
+PADDED_POSITIONS = "padded_positions"
+
 logger = logging.getLogger(__name__)
 
 # Dense (no structured sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets.
@@ -141,10 +145,11 @@ class TokenCounter:
     """Running counts of training positions, real tokens and supervised tokens; no device sync.
 
     A batch's positions are ``input_ids.numel()``; real tokens are ``attention_mask.sum()`` when
-    there is a mask, else every position (packed rows flattened with ``position_ids`` have no
-    padding); supervised tokens are the labels the causal-LM loss counts: ``shift_labels`` when
-    the batch has them, else ``labels[..., 1:] != -100``. Counts accumulate on the batch's device
-    and are read (one sync) by :meth:`take`.
+    there is a mask, else the positions less ``padded_positions`` (given, or the batch's
+    :data:`PADDED_POSITIONS`; packed rows flattened into one sequence have none); supervised
+    tokens are the labels the causal-LM loss counts: ``shift_labels`` when the batch has them,
+    else ``labels[..., 1:] != -100``. Counts accumulate on the batch's device and are read (one
+    sync) by :meth:`take`.
 
     >>> counter = TokenCounter()
     >>> counter.observe({"input_ids": torch.ones(2, 4, dtype=torch.long),
@@ -159,7 +164,7 @@ class TokenCounter:
         self._real: torch.Tensor | int = 0
         self._supervised: torch.Tensor | int = 0
 
-    def observe(self, batch: Mapping[str, Any]) -> None:
+    def observe(self, batch: Mapping[str, Any], padded_positions: int | torch.Tensor | None = None) -> None:
         """Add one micro-batch (the dict the model is called with) to the counts."""
         input_ids = batch.get("input_ids")
         labels = batch.get("labels")
@@ -169,7 +174,11 @@ class TokenCounter:
         positions = reference.numel()
         self._positions += positions
         mask = batch.get("attention_mask")
-        self._real = self._real + (mask.sum() if mask is not None and mask.dim() == 2 else positions)
+        padded = padded_positions if padded_positions is not None else batch.get(PADDED_POSITIONS)
+        if mask is not None and mask.dim() == 2:
+            self._real = self._real + mask.sum()
+        else:
+            self._real = self._real + positions - (padded if padded is not None else 0)
         shift_labels = batch.get("shift_labels")
         if shift_labels is not None:
             self._supervised = self._supervised + (shift_labels != IGNORE_INDEX).sum()

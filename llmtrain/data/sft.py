@@ -47,6 +47,7 @@ from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
 from llmtrain.errors import ConfigError, DataError, InvalidRecord
 from llmtrain.loss import IGNORE_INDEX
+from llmtrain.metrics import PADDED_POSITIONS
 
 logger = logging.getLogger(__name__)
 
@@ -312,14 +313,60 @@ def pack_batch(batch: dict[str, list[list[int]]], max_length: int) -> dict[str, 
 
 
 def collate_packed(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Flatten packed rows into one padding-free sequence of shape ``[1, total]``.
+    """Flatten packed rows into one padding-free sequence of shape ``[1, total]``: flash-attention's layout.
 
-    No attention mask: transformers derives the block-diagonal causal mask from position ids
-    that restart at 0 (sdpa, eager) or runs varlen flash-attention from them, so no token
-    attends across conversations. The model must run with ``use_cache=False`` for this.
+    No attention mask: flash-attention runs its variable-length kernel from position ids that
+    restart at 0, so no token attends across conversations and no mask is built. Under sdpa or
+    eager, transformers would build one ``[total, total]`` mask from them (quadratic in the whole
+    micro-batch): :class:`PackedRowsCollator` keeps the rows instead. The model must run with
+    ``use_cache=False`` for either.
     """
     flat = {key: [v for f in features for v in f[key]] for key in ("input_ids", "labels", "position_ids")}
     return {key: torch.tensor([values], dtype=torch.long) for key, values in flat.items()}
+
+
+@dataclass
+class PackedRowsCollator:
+    """Packed rows kept as rows, padded to the longest: one block-diagonal mask per row (sdpa, eager).
+
+    transformers derives each row's block-diagonal causal mask from its restarting position ids,
+    so mask memory is rows x L², not (rows x L)² as for a flattened batch. Padding positions get
+    labels -100 and position ids of their own (0, 1, ...), so they form one more block that no
+    real token attends to; their count goes in :data:`~llmtrain.metrics.PADDED_POSITIONS` (there
+    is no 2-D attention mask: one would switch off the packed-sequence mask).
+
+    >>> rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
+    ...         {"input_ids": [8, 9], "labels": [-100, 9], "position_ids": [0, 1]}]
+    >>> batch = PackedRowsCollator(pad_token_id=0)(rows)
+    >>> batch["input_ids"].tolist(), batch["position_ids"].tolist(), int(batch[PADDED_POSITIONS])
+    ([[5, 6, 7], [8, 9, 0]], [[0, 1, 0], [0, 1, 0]], 1)
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
+            labels[row, :length] = torch.as_tensor(feature["labels"])
+            position_ids[row, :length] = torch.as_tensor(feature["position_ids"])
+            position_ids[row, length:] = torch.arange(longest - length)
+        padded = len(features) * longest - sum(len(f["input_ids"]) for f in features)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                PADDED_POSITIONS: torch.tensor(padded)}  # fmt: skip
+
+
+def packed_collator(attn_implementation: str, pad_token_id: int) -> Any:
+    """The collator for packed rows under ``attn_implementation`` (resolved, not ``auto``).
+
+    >>> packed_collator("flash_attention_2", 0) is collate_packed, type(packed_collator("sdpa", 0)).__name__
+    (True, 'PackedRowsCollator')
+    """
+    return collate_packed if attn_implementation.startswith("flash") else PackedRowsCollator(pad_token_id)
 
 
 @dataclass

@@ -29,8 +29,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.order import GlobalOrderBatchSampler
 from llmtrain.errors import ConfigError
-from llmtrain.loss import enable_memory_efficient_loss
-from llmtrain.metrics import ThroughputCallback, TokenCounter
+from llmtrain.loss import enable_memory_efficient_loss, liger_kernels_problem
+from llmtrain.metrics import PADDED_POSITIONS, ThroughputCallback, TokenCounter
 from llmtrain.paths import apply_umask
 from llmtrain.run.checkpoints import CompleteCheckpointCallback, reporting_full_disk
 from llmtrain.run.faults import FaultInjector
@@ -240,6 +240,9 @@ class LlmTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        padded = inputs.pop(PADDED_POSITIONS, None)  # a count for the token counter, not a model input
+        # Set by the Trainer's eval under use_liger_kernel for Liger's patched loss forward, which stays off here.
+        inputs.pop("skip_logits", None)
         if return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         step = self.state.global_step + 1
@@ -247,7 +250,7 @@ class LlmTrainer(Trainer):
             self.faults.maybe_kill("kill_in_accumulation", step)
         micro_batch = len(self.ledger.pending)
         self.ledger.record(inputs, inputs.pop(SAMPLE_INDICES, None))
-        self.token_counter.observe(inputs)
+        self.token_counter.observe(inputs, padded_positions=padded)
         loss: Any = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if micro_batch == 0 and self.args.process_index == 0 and self.faults.armed("nan_loss", step):
             loss = loss * float("nan")
@@ -351,6 +354,25 @@ class RunRecordCallback(TrainerCallback):
         self.faults.maybe_kill("kill_after_step", state.global_step)
 
 
+def use_liger_kernels(args: TrainArguments) -> None:
+    """Settle ``use_liger_kernel`` (the Trainer's flag) for this machine before the Trainer applies it.
+
+    Where Liger's kernels cannot run (not installed, no CUDA) the flag is switched off with a
+    warning; the Trainer itself would raise. Where they can, Liger patches RMSNorm, RoPE and SwiGLU,
+    and its loss patches stay off unless ``liger_kernel_config`` asks for them: the loss is
+    ``loss_implementation``'s, one setting (``auto`` takes Liger's fused linear cross-entropy there).
+    """
+    if not args.use_liger_kernel:
+        return
+    problem = liger_kernels_problem(args.use_cpu)
+    if problem is not None:
+        logger.warning("use_liger_kernel: %s; training without Liger's kernels", problem)
+        args.use_liger_kernel = False
+        return
+    loss_patches = {"fused_linear_cross_entropy": False, "cross_entropy": False}
+    args.liger_kernel_config = {**loss_patches, **(args.liger_kernel_config or {})}
+
+
 def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -379,6 +401,7 @@ def build_trainer(
     token_counter = TokenCounter()
     if args.loss_implementation != "standard":
         enable_memory_efficient_loss(model, backend=args.loss_implementation)
+    use_liger_kernels(args)
     return LlmTrainer(
         model=model,
         args=args,

@@ -14,7 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArgumen
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from llmtrain.data.sft import collate_packed
-from llmtrain.loss import chunked_causal_lm_loss, enable_memory_efficient_loss
+from llmtrain.loss import chunked_causal_lm_loss, enable_memory_efficient_loss, resolve_loss_backend
 from llmtrain.metrics import (
     ThroughputCallback,
     TokenCounter,
@@ -348,3 +348,49 @@ def test_throughput_callback_adds_its_keys_to_every_training_log(tmp_path: Path)
         assert entry["tokens_per_second"] > entry["supervised_tokens_per_second"] > 0
         assert entry["supervised_tokens_per_second"] == pytest.approx(entry["tokens_per_second"] * 14 / 22)
         assert 0 < entry["mfu"] < 1
+
+
+@pytest.mark.parametrize(
+    ("requested", "installed", "cuda", "expected", "warned"),
+    [
+        ("auto", True, True, "liger", False), ("auto", False, True, "chunked", False),
+        ("auto", True, False, "chunked", False), ("liger", True, True, "liger", False),
+        ("liger", False, True, "chunked", True), ("liger", True, False, "chunked", True),
+        ("chunked", True, True, "chunked", False),
+    ],
+)  # fmt: skip
+def test_the_loss_backend_is_liger_only_where_it_can_run(
+    requested: str, installed: bool, cuda: bool, expected: str, warned: bool
+) -> None:
+    backend, warning = resolve_loss_backend(requested, installed, cuda)
+    assert backend == expected and (warning is not None) == warned
+
+
+def test_a_liger_loss_that_cannot_run_here_is_the_chunked_one_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_qwen2(tie=True)
+    with caplog.at_level("WARNING"):
+        backend = enable_memory_efficient_loss(model, backend="liger")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may run Liger")
+    assert backend == "chunked" and "loss_implementation: liger needs" in caplog.text
+    batch = packed_batch()
+    model.train()
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_use_liger_kernel_is_switched_off_with_a_warning_where_it_cannot_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmtrain.config.arguments import TrainArguments
+    from llmtrain.run import trainer as run_trainer
+
+    args = TrainArguments(output_dir=str(tmp_path), use_cpu=True, use_liger_kernel=True, report_to="none")
+    with caplog.at_level("WARNING"):
+        run_trainer.use_liger_kernels(args)
+    assert args.use_liger_kernel is False and "use_liger_kernel:" in caplog.text
+    # Where it can run, Liger patches the layers and leaves the loss to loss_implementation.
+    monkeypatch.setattr(run_trainer, "liger_kernels_problem", lambda use_cpu: None)
+    args = TrainArguments(output_dir=str(tmp_path), use_cpu=True, use_liger_kernel=True, report_to="none")
+    run_trainer.use_liger_kernels(args)
+    assert args.use_liger_kernel is True
+    assert args.liger_kernel_config == {"fused_linear_cross_entropy": False, "cross_entropy": False}

@@ -58,6 +58,29 @@ def test_auto_attention_is_sdpa_without_flash_attention_on_this_machine() -> Non
         assert resolve_attn_implementation("auto") == "sdpa"
 
 
+@pytest.mark.parametrize(
+    ("cuda", "flash_installed", "expected"),
+    [(True, True, "flash_attention_2"), (True, False, "sdpa"), (False, True, "sdpa"), (False, False, "sdpa")],
+)
+def test_auto_attention_takes_flash_attention_only_where_it_can_run_and_packing_follows(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, flash_installed: bool, expected: str
+) -> None:
+    import importlib.util
+
+    from llmtrain.data.sft import PackedRowsCollator, collate_packed, packed_collator
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" and flash_installed else
+        (None if name == "flash_attn" else real_find_spec(name, *a)),
+    )  # fmt: skip
+    assert resolve_attn_implementation("auto") == expected
+    # flash-attention's varlen path takes one flattened sequence; sdpa and eager keep the rows (a mask per row)
+    collator = packed_collator(expected, pad_token_id=0)
+    assert collator is collate_packed if expected == "flash_attention_2" else isinstance(collator, PackedRowsCollator)
+
+
 def test_pickle_weights_are_never_loaded(tmp_path: Path) -> None:
     """A model dir with only a pickled ``pytorch_model.bin`` (which can run code on load) is refused."""
     base = save_random_tiny_model(tmp_path / "base")

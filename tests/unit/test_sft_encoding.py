@@ -17,6 +17,7 @@ from llmtrain.config.arguments import SFTDataArguments
 from llmtrain.data.conversations import detect_format, normalise_record
 from llmtrain.data.sft import (
     IGNORE_INDEX,
+    PackedRowsCollator,
     PaddingCollator,
     check_collated_batch,
     collate_packed,
@@ -25,6 +26,7 @@ from llmtrain.data.sft import (
     pack_batch,
 )
 from llmtrain.errors import DataError
+from llmtrain.metrics import PADDED_POSITIONS, TokenCounter
 from llmtrain.paths import TINY_MODEL_DIR
 
 REAL_QWEN_TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "qwen2.5-tokenizer"
@@ -228,6 +230,41 @@ def test_packed_loss_equals_per_sample_loss(tiny_tokenizer) -> None:
     with torch.no_grad():
         contaminated = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     assert abs(float(contaminated) - float(packed_loss)) > 1e-4
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["rows", "flattened"])
+def test_packed_loss_equals_per_sample_loss_on_every_attention_path(
+    tiny_tokenizer, attention: str, layout: str
+) -> None:
+    """Two packed rows of different lengths, kept as rows (padded) or flattened into one sequence."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    model.config.use_cache = False
+    model.train()
+    samples = [encode_conversation(CONVERSATIONS[name], tiny_tokenizer, EOT)[0] for name in sorted(CONVERSATIONS)]
+    lengths = [len(sample["input_ids"]) for sample in samples]
+    packed = pack_batch({k: [s[k] for s in samples] for k in ("input_ids", "labels")}, max_length=sum(lengths) // 2)
+    rows = [{k: v[i] for k, v in packed.items()} for i in range(len(packed["input_ids"]))]
+    assert len(rows) >= 2 and len({len(row["input_ids"]) for row in rows}) > 1  # padding on the rows path
+    with torch.no_grad():
+        total_loss, total_tokens = 0.0, 0
+        for sample in samples:
+            logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(sample["labels"][1:])
+            total_loss += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            total_tokens += int((targets != IGNORE_INDEX).sum())
+        batch = PackedRowsCollator(tiny_tokenizer.pad_token_id)(rows) if layout == "rows" else collate_packed(rows)
+        check_collated_batch(batch)
+        counter = TokenCounter()
+        counter.observe(batch)
+        batch.pop(PADDED_POSITIONS, None)
+        packed_loss = model(**batch).loss
+    assert float(packed_loss) == pytest.approx(float(total_loss) / total_tokens, abs=1e-5)
+    counts = counter.take()
+    assert counts["real_tokens"] == sum(lengths) and counts["positions"] == batch["input_ids"].numel()
+    assert counts["supervised_tokens"] == total_tokens
 
 
 def test_a_template_whose_generation_prompt_is_not_a_prefix_is_refused(tiny_tokenizer) -> None:
