@@ -211,3 +211,50 @@ def qa_conversations(count: int) -> list[dict[str, object]]:
             turns.insert(0, {"from": "system", "value": "Answer with one sentence."})
         records.append({"conversations": turns})
     return records
+
+
+# --- tiny batches for loss tests: padded, packed and flattened, packed and kept as rows -----------------
+
+PACKED_ROWS = [
+    {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100, -100, 7, 8, 9, 10, 11], "position_ids": list(range(7))},
+    {"input_ids": [12, 13, 14, 15], "labels": [-100, 13, 14, -100], "position_ids": list(range(4))},
+]
+
+
+def padded_batch(vocab_size: int, length: int = 10, padded_from: int = 6) -> dict:
+    """Two random rows of ``length`` tokens, the second padded from ``padded_from``; the first 3 labels -100."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab_size, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, padded_from:] = 0
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def packed_batch() -> dict:
+    """Two conversations packed into one row, flattened (flash-attention's layout): 11 positions."""
+    from llmtrain.data.sft import collate_packed
+
+    return collate_packed([{key: PACKED_ROWS[0][key] + PACKED_ROWS[1][key] for key in PACKED_ROWS[0]}])
+
+
+def packed_rows_batch() -> dict:
+    """The same two conversations as two packed rows kept as rows (sdpa's layout), the second padded."""
+    from llmtrain.data.sft import PackedRowsCollator
+    from llmtrain.metrics import PADDED_POSITIONS
+
+    batch = PackedRowsCollator(pad_token_id=0)(PACKED_ROWS)
+    batch.pop(PADDED_POSITIONS)
+    return batch
+
+
+def loss_and_grads(model, batch: dict, **kwargs: object) -> tuple:
+    """The model's output on ``batch`` and every parameter's gradient after backward."""
+    model.zero_grad()
+    outputs = model(**batch, **kwargs)
+    outputs.loss.backward()
+    return outputs, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -24,6 +24,9 @@ from llmtrain.metrics import (
     mfu,
 )
 
+from ..conftest import loss_and_grads, packed_batch, packed_rows_batch
+from ..conftest import padded_batch as shared_padded_batch
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB, HIDDEN = 37, 16
 
@@ -141,35 +144,11 @@ def tiny_qwen2(tie: bool, seed: int = 0) -> Qwen2ForCausalLM:
 
 
 def padded_batch() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, VOCAB * 3, (2, 10), generator=generator)
-    attention_mask = torch.ones(2, 10, dtype=torch.long)
-    attention_mask[1, 6:] = 0
-    labels = input_ids.clone()
-    labels[:, :3] = -100
-    labels[attention_mask == 0] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def packed_batch() -> dict[str, torch.Tensor]:
-    rows = [
-        {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100, -100, 7, 8, 9, 10, 11], "position_ids": list(range(7))},
-        {"input_ids": [12, 13, 14, 15], "labels": [-100, 13, 14, -100], "position_ids": list(range(4))},
-    ]
-    features = [{key: rows[0][key] + rows[1][key] for key in rows[0]}]
-    return collate_packed(features)
-
-
-def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> tuple[Any, ...]:
-    model.zero_grad()
-    outputs = model(**batch, **kwargs)
-    outputs.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return outputs, grads
+    return shared_padded_batch(VOCAB * 3)
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("make_batch", [padded_batch, packed_batch])
+@pytest.mark.parametrize("make_batch", [padded_batch, packed_batch, packed_rows_batch])
 @pytest.mark.parametrize("num_items", [None, 9])
 def test_patched_model_has_the_same_loss_and_gradients(tie: bool, make_batch: Any, num_items: int | None) -> None:
     model = tiny_qwen2(tie)
@@ -308,6 +287,22 @@ def test_token_counter_on_a_packed_batch() -> None:
     counter.observe(packed_batch())
     # 11 flattened positions, no padding; labels 7,8,9,10,11 and 13,14 (the first position is never counted).
     assert counter.take() == {"positions": 11, "real_tokens": 11, "supervised_tokens": 7}
+
+
+def test_token_counter_on_packed_rows_counts_their_padding() -> None:
+    from llmtrain.data.sft import PackedRowsCollator
+    from llmtrain.metrics import PADDED_POSITIONS
+
+    from ..conftest import PACKED_ROWS
+
+    counter = TokenCounter()
+    batch = PackedRowsCollator(pad_token_id=0)(PACKED_ROWS)
+    counter.observe(batch)
+    # 2 rows x 7 positions, the second padded by 3; the same 7 supervised labels as flattened.
+    assert counter.take() == {"positions": 14, "real_tokens": 11, "supervised_tokens": 7}
+    popped = batch.pop(PADDED_POSITIONS)  # as LlmTrainer.compute_loss passes it
+    counter.observe(batch, padded_positions=popped)
+    assert counter.take()["real_tokens"] == 11
 
 
 def test_token_counter_hook_counts_training_calls_only() -> None:

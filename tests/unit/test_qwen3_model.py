@@ -32,7 +32,6 @@ from transformers import (
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from llmtrain.config.arguments import FinetuneArguments, ModelArguments
-from llmtrain.data.sft import collate_packed
 from llmtrain.errors import ConfigError
 from llmtrain.finetuning import apply_finetuning_method
 from llmtrain.loss import enable_memory_efficient_loss
@@ -40,6 +39,9 @@ from llmtrain.modeling import build_model, load_model_config, load_tokenizer_for
 from llmtrain.paths import TINY_MODEL_DIR
 from llmtrain.tiny_default import IM_END
 from llmtrain.tools import chat, merge
+
+from ..conftest import loss_and_grads, packed_batch, packed_rows_batch
+from ..conftest import padded_batch as shared_padded_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_QWEN3_TOKENIZER = REPO_ROOT.parent / "shared" / "qwen3-tokenizer"
@@ -196,33 +198,11 @@ def test_tiny_qwen3_builds_through_the_pipeline(
 
 
 def padded_batch() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, TINY_QWEN3["vocab_size"], (2, 12), generator=generator)
-    attention_mask = torch.ones(2, 12, dtype=torch.long)
-    attention_mask[1, 7:] = 0
-    labels = input_ids.clone()
-    labels[:, :3] = -100
-    labels[attention_mask == 0] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def packed_batch() -> dict[str, torch.Tensor]:
-    rows = [
-        {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100, -100, 7, 8, 9, 10, 11], "position_ids": list(range(7))},
-        {"input_ids": [12, 13, 14, 15], "labels": [-100, 13, 14, -100], "position_ids": list(range(4))},
-    ]
-    return collate_packed([{key: rows[0][key] + rows[1][key] for key in rows[0]}])
-
-
-def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    outputs = model(**batch)
-    outputs.loss.backward()
-    return outputs, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return shared_padded_batch(TINY_QWEN3["vocab_size"], length=12, padded_from=7)
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("make_batch", [padded_batch, packed_batch])
+@pytest.mark.parametrize("make_batch", [padded_batch, packed_batch, packed_rows_batch])
 def test_chunked_loss_equals_the_standard_loss_on_qwen3(tiny_config_file: Path, tie: bool, make_batch: Any) -> None:
     model = tiny_qwen3(tiny_config_file, tie=tie).train()
     reference = copy.deepcopy(model)
