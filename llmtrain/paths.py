@@ -7,6 +7,7 @@ tools can name these paths without importing what builds them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -99,3 +100,13 @@ def portable_model_reference(name_or_path: str) -> str:
         if part.startswith("models--") and parts[index + 1] == "snapshots" and index + 3 == len(parts):
             return part.removeprefix("models--").replace("--", "/")
     return name_or_path
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (what ``sha256sum`` prints), read in bounded chunks.
+
+    >>> p = Path(tempfile.mkdtemp()) / "f"; _ = p.write_bytes(b"abc"); file_sha256(p)[:16]
+    'ba7816bf8f01cfea'
+    """
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()

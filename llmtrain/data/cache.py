@@ -46,6 +46,7 @@ from llmtrain.config.arguments import DataArguments
 from llmtrain.config.sources import parse_sources
 from llmtrain.data.files import file_fingerprints, resolve_data_files
 from llmtrain.errors import ConfigError, DataError
+from llmtrain.paths import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     for file in files:
         entry: dict[str, Any] = {"size": sizes[file]}
         if hash_everything or sizes[file] <= HASH_SMALL_FILE_BYTES:
-            entry["sha256"] = _sha256(file)
+            entry["sha256"] = file_sha256(file)
         manifest[file.relative_to(directory).as_posix()] = entry
     return manifest
 
@@ -192,14 +193,9 @@ def find_damage(path: Path, metadata: dict[str, Any]) -> list[str]:
             problems.append(f"{name}: missing")
         elif (size := file.stat().st_size) != expected["size"]:
             problems.append(f"{name}: {size} bytes, expected {expected['size']}")
-        elif "sha256" in expected and _sha256(file) != expected["sha256"]:
+        elif "sha256" in expected and file_sha256(file) != expected["sha256"]:
             problems.append(f"{name}: content differs from the SHA-256 recorded when it was built")
     return problems
-
-
-def _sha256(file: Path) -> str:
-    with file.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def _read_metadata(path: Path, field_name: str) -> tuple[dict[str, Any] | None, list[str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmtrain.errors import StorageFull
-from llmtrain.paths import nearest_existing
+from llmtrain.paths import file_sha256, nearest_existing
 from llmtrain.run.faults import FaultInjector
 from llmtrain.run.manifest import write_manifest
 
@@ -40,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "llmtrain_complete.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# Per thread. 256 KiB to 16 MiB hash at the same speed here (bench/checkpoint_checksums.py); hashlib releases
-# the GIL on updates this large, so threads hashing different files run on different cores.
-HASH_CHUNK_BYTES = 1 << 20
 # A failed write with less than this left on the filesystem is taken for a full disk: torch.save then
 # reports "basic_ios::clear" or "file write failed", not ENOSPC.
 LOW_DISK_BYTES = 256 << 20
@@ -86,16 +82,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
     return [path for _, path in sorted(found, reverse=True)]
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (what ``sha256sum`` prints), read in bounded chunks."""
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(HASH_CHUNK_BYTES))
-    with path.open("rb", buffering=0) as stream:
-        while read := stream.readinto(buffer):
-            digest.update(buffer[:read])
-    return digest.hexdigest()
 
 
 def available_cpus() -> int:

@@ -15,7 +15,6 @@ from llmtrain.errors import StorageFull
 from llmtrain.run import checkpoints
 from llmtrain.run.checkpoints import (
     COMPLETE_MARKER,
-    HASH_CHUNK_BYTES,
     checkpoint_problem,
     find_resume_checkpoint,
     reporting_full_disk,
@@ -105,7 +104,8 @@ def test_rotation_reads_no_file_to_hash_it(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_parallel_hashing_gives_the_same_digests_as_sequential(tmp_path: Path) -> None:
-    sizes = [0, 1, HASH_CHUNK_BYTES - 1, HASH_CHUNK_BYTES, 3 * HASH_CHUNK_BYTES + 17, 5000]
+    chunk = 1 << 18  # hashlib.file_digest's read size: files around it and several of it
+    sizes = [0, 1, chunk - 1, chunk, 3 * chunk + 17, 5000]
     paths = [tmp_path / f"file-{number}.bin" for number in range(len(sizes))]
     for number, (path, size) in enumerate(zip(paths, sizes, strict=True)):
         path.write_bytes(random.Random(number).randbytes(size))
