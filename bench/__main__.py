@@ -1,6 +1,6 @@
 """Run every CPU benchmark and print each ratio beside its target.
 
-    python -m bench [--out bench-results.json] [--only sft,trainer,preprocessing,memory,prepare_disk,...]
+    python -m bench [--out bench-results.json] [--only sft,trainer,preprocessing,memory,packed_memory,...]
 
 A few minutes on a 2-core CPU. The GPU benchmark is separate: ``python -m bench.gpu_bench --out FILE``.
 """
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import memory, preprocessing, sft_throughput, token_store, trainer_overhead
+from bench import memory, packed_memory, preprocessing, sft_throughput, token_store, trainer_overhead
 from bench.common import Result, machine, set_threads, table, write_json
 
 BENCHMARKS: dict[str, Callable[[], Result]] = {
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "trainer": trainer_overhead.run,
     "preprocessing": preprocessing.run,
     "memory": memory.run,
+    "packed_memory": packed_memory.run,
     "prepare_disk": token_store.run_disk,
     "prepare_disk_qwen": token_store.run_disk_qwen,
     "prepare_memory": token_store.run_memory,

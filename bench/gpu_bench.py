@@ -1,6 +1,7 @@
 """GPU benchmark for one device: Qwen2.5-0.5B/1.5B from scratch and LoRA on a 7B shape.
 
     python -m bench.gpu_bench --out results/gpu.json          # one H100: ~8 minutes (--budget-s 480)
+    python -m bench.gpu_bench --matrix --budget-s 1200 --out results/matrix.json   # eager/compiled x Liger
     python -m bench.gpu_bench --smoke --out /tmp/smoke.json   # tiny config, 2 steps, CPU is fine
 
 Imports only torch, transformers, peft and the standard library (plus ``llmtrain.loss`` and
@@ -19,7 +20,21 @@ the standard loss, activation checkpointing at the largest micro-batches, the de
 ``torch.compile`` (both losses; ``--no-compile`` skips it), and pure bf16 at the best micro-batch.
 Then a "micro-batch that fits" table for sequence lengths 512-4096 (1.5B, amp, chunked loss, no
 checkpointing) and LoRA SFT on the Qwen2.5-7B shape (bf16 base weights, LoRA r=16 on all linear
-layers, activation checkpointing). A time budget skips what is left once spent.
+layers, activation checkpointing). A time budget skips what is left once spent. ``chunked`` is
+always our chunked loss (``backend="chunked"``), also where Liger-Kernel is installed.
+
+``--matrix`` runs instead, for each workload, the decoder eager and under ``torch.compile``, each
+with Liger-Kernel off (our chunked loss, transformers' modules) and on (Liger's RMSNorm, RoPE and
+SwiGLU patched into the model, as the Trainer's ``use_liger_kernel`` does, and Liger's fused linear
+cross-entropy, as ``loss_implementation: auto`` picks on a GPU), all at one micro-batch
+(``--matrix-micro-batch``, default 8). Workloads: pretraining of each ``--models`` model (amp,
+full blocks); full SFT of Qwen2.5-1.5B on packed rows (amp, 8 rows of <= ``--seq-len`` tokens
+with BELLE-like conversation lengths, in ``PackedRowsCollator``'s sdpa layout: restarting position
+ids, one block-diagonal mask per row; tokens/s counts real tokens, not padding; ``--no-sft``
+skips it); LoRA SFT on the Qwen2.5-7B shape as above (``--no-lora`` skips it). Liger's patches
+replace Qwen2's modules for the whole process and cannot be undone, so every "off" cell runs
+before the first "on" one (``--liger off|on|both``); where Liger cannot run (not installed, no
+CUDA) the "on" cells are reported as not run, with the reason.
 """
 
 from __future__ import annotations
@@ -28,9 +43,11 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -42,7 +59,7 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from llmtrain.loss import enable_memory_efficient_loss
+from llmtrain.loss import enable_memory_efficient_loss, find_causal_lm, liger_kernels_problem
 from llmtrain.metrics import count_flop_params, device_peak_flops, flops_per_token, mfu
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +69,7 @@ MODEL_CONFIGS = {
 }
 TINY_CONFIG = REPO_ROOT / "llmtrain/assets/tiny/config.json"
 # Qwen2.5-7B's shape (its config.json on the hub), written out so nothing is downloaded.
-QWEN2_5_7B_SHAPE = {
+QWEN2_5_7B_SHAPE: dict[str, Any] = {
     "hidden_size": 3584,
     "intermediate_size": 18944,
     "num_hidden_layers": 28,
@@ -66,6 +83,16 @@ QWEN2_5_7B_SHAPE = {
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_GRAD_NORM = 1.0  # the shipped configs' max_grad_norm
+LORA_NAME = "qwen2.5-7b-shape-lora"
+SFT_MODEL = "qwen2.5-1.5b"  # the matrix's full-SFT workload
+# The matrix's micro-batch: issue 15's 8 packed rows x 2048, and the largest micro-batch the 1.5B
+# fits at 2048 tokens on an 80 GB H100 (amp, chunked loss; see docs/benchmarks.md).
+MATRIX_MICRO_BATCH = 8
+# BELLE conversation lengths in Qwen2.5 tokens and their supervised share: bench.sft_throughput's
+# facts, repeated here because that module needs datasets, which a bare GPU box may lack.
+BELLE_MEDIAN, BELLE_P90, BELLE_SUPERVISED_SHARE = 109, 261, 0.47
+SHORTEST_CONVERSATION = 24
+IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass
@@ -80,6 +107,9 @@ class Run:
     checkpointing: bool
     lora: bool = False
     compiled: bool = False
+    liger: bool = False  # Liger's RMSNorm / RoPE / SwiGLU patched in (the matrix only)
+    workload: str = "pretrain"  # pretrain, sft-packed or lora-sft
+    real_tokens_per_step: int | None = None  # tokens that are not padding, where a batch has padding
     tokens_per_second: float | None = None
     mfu: float | None = None
     peak_memory_gib: float | None = None
@@ -131,23 +161,38 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def measure(bench: Bench, model: torch.nn.Module, run: Run, vocab_size: int, fpt: float, quiet: bool = False) -> Run:
-    """Time ``bench.steps`` training steps after ``bench.warmup``; fill tokens/s, MFU and peak memory."""
+def measure(
+    bench: Bench,
+    model: torch.nn.Module,
+    run: Run,
+    vocab_size: int,
+    fpt: float,
+    quiet: bool = False,
+    batch: dict[str, torch.Tensor] | None = None,
+) -> Run:
+    """Time ``bench.steps`` training steps after ``bench.warmup``; fill tokens/s, MFU and peak memory.
+
+    ``batch``: the step's model inputs (tokens/s then counts ``run.real_tokens_per_step``); default
+    full blocks of random ids, ``run.micro_batch`` x ``run.seq_len``.
+    """
     bench.check_budget()
     free_memory()
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bench.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
     amp = run.precision == "amp"
-    generator = torch.Generator(device=bench.device).manual_seed(0)
-    ids = torch.randint(0, vocab_size, (run.micro_batch, run.seq_len), device=bench.device, generator=generator)
+    if batch is None:
+        generator = torch.Generator(device=bench.device).manual_seed(0)
+        ids = torch.randint(0, vocab_size, (run.micro_batch, run.seq_len), device=bench.device, generator=generator)
+        batch = {"input_ids": ids, "labels": ids}
+    tokens_per_step = run.real_tokens_per_step or run.micro_batch * run.seq_len
     times: list[float] = []
     try:
         for step in range(bench.warmup + bench.steps):
             start = time.perf_counter()
             autocast = torch.autocast(bench.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
@@ -168,7 +213,7 @@ def measure(bench: Bench, model: torch.nn.Module, run: Run, vocab_size: int, fpt
     if run.error is None:
         step_seconds = statistics.median(times)
         run.step_seconds = step_seconds
-        run.tokens_per_second = run.micro_batch * run.seq_len / step_seconds
+        run.tokens_per_second = tokens_per_step / step_seconds
         run.mfu = mfu(run.tokens_per_second, fpt, bench.peak_flops) if bench.peak_flops else None
         if bench.device.type == "cuda":
             run.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
@@ -182,20 +227,20 @@ def log_run(run: Run) -> None:
         f", MFU {100 * run.mfu:.1f}%" if run.mfu is not None else ""
     ) + (f", peak {run.peak_memory_gib:.1f} GiB" if run.peak_memory_gib is not None else "")
     print(
-        f"  {run.model} seq {run.seq_len} mb {run.micro_batch} {run.precision} loss={run.loss} "
+        f"  {run.model} {run.workload} seq {run.seq_len} mb {run.micro_batch} {run.precision} loss={run.loss} "
         f"ckpt={'on' if run.checkpointing else 'off'}{' lora' if run.lora else ''}"
-        f"{' compiled' if run.compiled else ''}: {detail}",
+        f"{' compiled' if run.compiled else ''}{' liger' if run.liger else ''}: {detail}",
         flush=True,
     )
 
 
 @contextlib.contextmanager
 def loss_mode(model: Qwen2ForCausalLM, mode: str) -> Iterator[None]:
-    """Run the block with the chunked loss installed (``chunked``) or the model's own (``standard``)."""
+    """Run the block with our chunked loss (``chunked``), Liger's fused loss (``liger``) or the model's own."""
     original = model.__dict__.get("forward")
     marker = model.__dict__.get("_llmtrain_loss_backend")
-    if mode == "chunked":
-        enable_memory_efficient_loss(model)
+    if mode != "standard":
+        enable_memory_efficient_loss(model, backend=mode)
     try:
         yield
     finally:
@@ -288,7 +333,7 @@ def bench_model(
 def fit_table(bench: Bench, name: str, config: Qwen2Config, seq_lens: list[int], max_tokens: int) -> dict[int, int]:
     """Largest power-of-two micro-batch that trains (one step) at each sequence length."""
     model = build_model(config, bench.device, torch.float32)
-    enable_memory_efficient_loss(model)
+    enable_memory_efficient_loss(model, backend="chunked")
     fits: dict[int, int] = {}
     saved = bench.warmup, bench.steps
     bench.warmup, bench.steps = 0, 1
@@ -314,7 +359,7 @@ def bench_lora(bench: Bench, config: Qwen2Config, seq_len: int, micro_batches: l
     """LoRA SFT on a big frozen bf16 base: activation checkpointing, chunked loss, micro-batch sweep."""
     from peft import LoraConfig, get_peft_model
 
-    name = "qwen2.5-7b-shape-lora"
+    name = LORA_NAME
     print(f"{name}: {count_flop_params(config) / 1e9:.2f}B params, bf16 base", flush=True)
     try:
         base = build_model(config, bench.device, torch.bfloat16)
@@ -326,7 +371,7 @@ def bench_lora(bench: Bench, config: Qwen2Config, seq_len: int, micro_batches: l
     set_checkpointing(base, True)
     base.enable_input_require_grads()
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
-    enable_memory_efficient_loss(model)
+    enable_memory_efficient_loss(model, backend="chunked")
     # Frozen base: forward 2N + activation gradients 2N, no weight gradients; attention as in training.
     fpt = flops_per_token(config, seq_len) - 2 * count_flop_params(config)
     runs = []
@@ -340,26 +385,190 @@ def bench_lora(bench: Bench, config: Qwen2Config, seq_len: int, micro_batches: l
     return runs
 
 
+def packed_sft_batch(
+    rows: int, seq_len: int, vocab_size: int, device: torch.device, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``rows`` packed SFT rows of random ids in ``PackedRowsCollator``'s layout, and their real tokens.
+
+    Conversation lengths are BELLE-like (lognormal through median 109 and p90 261 tokens, clipped to
+    [24, ``seq_len``]), packed next-fit into rows of <= ``seq_len``; the last 47 % of each
+    conversation is supervised, the rest (its first token included) -100. Rows are padded to the
+    longest with position ids of their own (0, 1, ...), labels -100 and no attention mask, as
+    ``llmtrain.data.sft.PackedRowsCollator`` does (not imported: that module needs datasets).
+    """
+    rng = random.Random(seed)
+    mu = math.log(BELLE_MEDIAN)
+    sigma = (math.log(BELLE_P90) - mu) / statistics.NormalDist().inv_cdf(0.9)
+    shortest = min(SHORTEST_CONVERSATION, seq_len)
+    conversations: list[list[int]] = [[]]  # lengths, per row
+    room = seq_len
+    while True:
+        length = min(seq_len, max(shortest, round(rng.lognormvariate(mu, sigma))))
+        if length > room:
+            if len(conversations) == rows:
+                break
+            conversations.append([])
+            room = seq_len
+        conversations[-1].append(length)
+        room -= length
+    longest = max(sum(lengths) for lengths in conversations)
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (rows, longest), generator=generator)
+    labels = torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((rows, longest), dtype=torch.long)
+    for row, lengths in enumerate(conversations):
+        start = 0
+        for length in lengths:
+            answer = start + length - max(1, round(length * BELLE_SUPERVISED_SHARE))
+            labels[row, answer : start + length] = input_ids[row, answer : start + length]
+            position_ids[row, start : start + length] = torch.arange(length)
+            start += length
+        input_ids[row, start:] = 0
+        position_ids[row, start:] = torch.arange(longest - start)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {key: value.to(device) for key, value in batch.items()}, sum(map(sum, conversations))
+
+
+def apply_liger_kernels(model: Qwen2ForCausalLM) -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU in this model, as the Trainer's ``use_liger_kernel`` applies them.
+
+    Its loss patches stay off (the loss is ``enable_memory_efficient_loss``'s, as in training).
+    The module-level patches (Qwen2's RMSNorm and MLP classes, ``apply_rotary_pos_emb``) stay for
+    the rest of the process.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+
+
+def matrix_workload(bench: Bench, config: Qwen2Config, cells: list[Run]) -> None:
+    """Fill ``cells`` (one workload, one Liger state; eager first, then compiled) on one freshly built model."""
+    first = cells[0]
+    lora = first.workload == "lora-sft"
+    print(f"{first.model} {first.workload}, Liger {'on' if first.liger else 'off'}", flush=True)
+    try:
+        base = build_model(config, bench.device, torch.bfloat16 if lora else torch.float32)
+    except Exception as error:
+        if not is_oom(error):
+            raise
+        free_memory()
+        for cell in cells:
+            cell.error = "OOM building the model"
+            log_run(cell)
+        return
+    if first.liger:
+        apply_liger_kernels(base)
+    model: torch.nn.Module = base
+    fpt = flops_per_token(config, first.seq_len)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        set_checkpointing(base, True)
+        base.enable_input_require_grads()
+        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+        fpt -= 2 * count_flop_params(config)  # a frozen base has no weight gradients (bench_lora)
+    enable_memory_efficient_loss(model, backend=first.loss)
+    batch = None
+    if first.workload == "sft-packed":
+        batch, real_tokens = packed_sft_batch(first.micro_batch, first.seq_len, config.vocab_size, bench.device)
+        for cell in cells:
+            cell.real_tokens_per_step = real_tokens
+    causal_lm = find_causal_lm(model)
+    decoder = causal_lm.model
+    try:
+        for cell in cells:
+            if cell.compiled:
+                torch._dynamo.reset()  # a fresh cache: the matrix compiles more models than the recompile limit
+                causal_lm.model = torch.compile(decoder)
+            try:
+                measure(bench, model, cell, config.vocab_size, fpt, batch=batch)
+            except BudgetSpent:
+                raise
+            except Exception as error:  # a cell that cannot run (a compile failure) is a result, not the end
+                first_line = (str(error).splitlines() or [""])[0][:160]
+                cell.error = f"failed: {type(error).__name__}: {first_line}"
+                log_run(cell)
+            finally:
+                causal_lm.model = decoder
+    finally:
+        del model, base, causal_lm, decoder, batch
+        free_memory()
+
+
+def bench_matrix(
+    bench: Bench,
+    workloads: list[tuple[str, str, Qwen2Config]],
+    seq_len: int,
+    micro_batch: int,
+    liger_states: list[bool],
+    compile_decoder: bool,
+) -> list[Run]:
+    """Eager / compiled x Liger off / on for each ``(name, workload, config)`` (module docstring)."""
+    runs: list[Run] = []
+    for liger in sorted(liger_states):  # off first: Liger's patches stay in Qwen2's module for good
+        problem = liger_kernels_problem(use_cpu=bench.device.type != "cuda") if liger else None
+        for name, workload, config in workloads:
+            lora = workload == "lora-sft"
+            cells = [
+                Run(
+                    name,
+                    seq_len,
+                    micro_batch,
+                    "bf16" if lora else "amp",
+                    "liger" if liger else "chunked",
+                    checkpointing=lora,
+                    lora=lora,
+                    compiled=compiled,
+                    liger=liger,
+                    workload=workload,
+                )
+                for compiled in ((False, True) if compile_decoder else (False,))
+            ]
+            runs += cells
+            if problem is not None:
+                for cell in cells:
+                    cell.error = f"not run: {problem}"
+                    log_run(cell)
+                continue
+            try:
+                bench.check_budget()
+                matrix_workload(bench, config, cells)
+            except BudgetSpent:
+                for cell in cells:
+                    if cell.tokens_per_second is None and cell.error is None:
+                        cell.error = "not run: time budget spent"
+    return runs
+
+
 def markdown(runs: list[Run]) -> str:
     lines = [
-        "| model | seq | micro-batch | precision | loss | act. ckpt | compiled | tokens/s | MFU | peak mem (GiB) |",
-        "|---|---:|---:|---|---|---|---|---:|---:|---:|",
+        "| model | workload | seq | micro-batch | precision | loss | act. ckpt | compiled | Liger kernels "
+        "| tokens/s | MFU | peak mem (GiB) |",
+        "|---|---|---:|---:|---|---|---|---|---|---:|---:|---:|",
     ]
     for r in runs:
-        lines.append(
-            f"| {r.model} | {r.seq_len} | {r.micro_batch} | {r.precision} | {r.loss} | "
-            f"{'on' if r.checkpointing else 'off'} | {'yes' if r.compiled else 'no'} | "
-            + (
-                r.error
-                if r.error
-                else f"{r.tokens_per_second:,.0f}"
-                + f" | {'' if r.mfu is None else f'{100 * r.mfu:.1f}%'}"
-                + f" | {'' if r.peak_memory_gib is None else f'{r.peak_memory_gib:.1f}'}"
+        if r.error:
+            figures = f"{r.error} | | "
+        else:
+            figures = (
+                f"{r.tokens_per_second:,.0f} | {'' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | "
+                f"{'' if r.peak_memory_gib is None else f'{r.peak_memory_gib:.1f}'}"
             )
-            + (" | | |" if r.error else "")
-            + " |"
+        lines.append(
+            f"| {r.model} | {r.workload} | {r.seq_len} | {r.micro_batch} | {r.precision} | {r.loss} | "
+            f"{'on' if r.checkpointing else 'off'} | {'yes' if r.compiled else 'no'} | {'on' if r.liger else 'off'} | "
+            f"{figures} |"
         )
     return "\n".join(lines)
+
+
+def liger_version() -> str | None:
+    try:
+        return importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lora", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decoder runs")
     parser.add_argument("--no-fit-table", action="store_true")
+    parser.add_argument("--matrix", action="store_true", help="eager/compiled x Liger off/on instead of the sweeps")
+    parser.add_argument("--matrix-micro-batch", type=int, default=MATRIX_MICRO_BATCH, help="rows per step, every cell")
+    parser.add_argument("--liger", choices=("off", "on", "both"), default="both", help="the matrix's Liger states")
+    parser.add_argument("--no-sft", action="store_true", help="the matrix without its 1.5B packed-SFT workload")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -385,14 +598,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     micro_batches = [int(mb) for mb in args.micro_batches.split(",")]
     seq_len, fit_seq_lens, max_fit_tokens = args.seq_len, [512, 1024, 2048, 4096], 2**17
+    matrix_micro_batch = args.matrix_micro_batch
     if args.smoke:
         args.warmup, args.steps, seq_len, micro_batches = 1, 2, 64, [1, 2]
         fit_seq_lens, max_fit_tokens, args.no_compile = [32, 64], 128, True
         models = {"tiny": load_config(TINY_CONFIG)}
         lora_config = load_config(TINY_CONFIG, tie_word_embeddings=False)
+        sft_name, sft_config, matrix_micro_batch = "tiny", models["tiny"], 2
     else:
-        models = {name: load_config(MODEL_CONFIGS[name]) for name in args.models.split(",")}
+        models = {name: load_config(MODEL_CONFIGS[name]) for name in args.models.split(",") if name}
         lora_config = Qwen2Config(**QWEN2_5_7B_SHAPE, use_cache=False)
+        sft_name, sft_config = SFT_MODEL, load_config(MODEL_CONFIGS[SFT_MODEL])
     bench = Bench(
         device=device,
         warmup=args.warmup,
@@ -405,6 +621,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     fits: dict[int, int] = {}
     skipped: list[str] = []
+    if args.matrix:
+        workloads = [(name, "pretrain", config) for name, config in models.items()]
+        workloads += [] if args.no_sft else [(sft_name, "sft-packed", sft_config)]
+        workloads += [] if args.no_lora else [(LORA_NAME, "lora-sft", lora_config)]
+        liger_states = {"off": [False], "on": [True], "both": [False, True]}[args.liger]
+        runs = bench_matrix(bench, workloads, seq_len, matrix_micro_batch, liger_states, not args.no_compile)
+        args.no_fit_table, models, args.no_lora = True, {}, True  # the matrix replaces the sweeps
     for name, config in models.items():
         try:
             runs += bench_model(bench, name, config, seq_len, micro_batches, not args.no_compile)
@@ -442,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
+            "liger_kernel": liger_version(),
         },
         "runs": [dataclasses.asdict(r) for r in runs],
         "fit_table": {str(k): v for k, v in fits.items()},

@@ -1,13 +1,14 @@
 """SFT useful-token throughput: our packed path vs the replaced recipe's pad-everything-to-2048.
 
-    python -m bench.sft_throughput [--samples 64] [--repeats 3]
+    python -m bench.sft_throughput [--samples 64] [--repeats 3] [--tokenizer DIR] [--data FILE]
 
-Both sides train the same tiny model (the shipped tiny config, positions raised to 2048) on the
-same synthetic BelleGroup-like conversations, one 2048-position micro-batch per optimizer step:
+Both sides train the same tiny model (the shipped tiny config, positions raised to 2048, vocabulary
+``len(tokenizer)``) on the same conversations, one 2048-position micro-batch per optimizer step:
 
 * **ours**: conversations encoded by ``llmtrain.data.sft.encode_conversation`` (labels -100 off the
-  assistant turns), packed by ``pack_batch`` into rows of <= 2048 tokens, flattened by
-  ``collate_packed`` with restarting position ids (no padding at all), chunked loss;
+  assistant turns), packed by ``pack_batch`` into rows of <= 2048 tokens, one row per micro-batch
+  collated by ``PackedRowsCollator`` (the sdpa layout: position ids restart per conversation, so
+  transformers builds a block-diagonal causal mask; one row has no padding at all), chunked loss;
 * **recipe**: every conversation alone, padded to 2048 with the pad id, attention mask, and the pad
   positions labelled with the pad id (the recipe's bug: padding is trained on), standard loss.
 
@@ -19,27 +20,37 @@ Every recipe step has the same shape (one conversation, 2048 positions) whatever
 conversation, so its time for the N conversations is N x its median step time (a full recipe pass
 over N conversations would take minutes on a CPU).
 
-The length mix follows 1,000 real BELLE conversations tokenized with the Qwen2.5 tokenizer:
-median 109 tokens, 90th percentile 261, none over 2048; padded to 2048, 93.2 % of positions are
-padding and 3.2 % supervised (so ~47 % of a conversation's tokens are supervised).
+Conversations: by default synthetic one-turn conversations cut from the demo corpus, with the
+length mix of 1,000 real BELLE conversations tokenized with the Qwen2.5 tokenizer: median 109
+tokens, 90th percentile 261, none over 2048; padded to 2048, 93.2 % of positions are padding and
+3.2 % supervised (so ~47 % of a conversation's tokens are supervised). ``--data FILE`` takes the
+first ``--samples`` conversations of a real file instead (any format
+``llmtrain.data.conversations.read_conversation_files`` reads), encoded by ``fit_conversation``
+with ``max_seq_length`` 2048 as training encodes them. ``--tokenizer DIR`` (e.g. the real Qwen2.5
+tokenizer, 151,665 ids) replaces the tiny 4,096-id one; the model's output layer grows with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import random
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from bench.common import Result, median, print_result, set_threads, timed
-from llmtrain.data.sft import IGNORE_INDEX, collate_packed, encode_conversation, pack_batch
+from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.data.conversations import read_conversation_files
+from llmtrain.data.sft import IGNORE_INDEX, PackedRowsCollator, encode_conversation, fit_conversation, pack_batch
 from llmtrain.loss import enable_memory_efficient_loss
+from llmtrain.metrics import PADDED_POSITIONS
 from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
 from llmtrain.tiny_default import IM_END
 
@@ -49,7 +60,6 @@ BELLE_MEDIAN, BELLE_P90 = 109, 261
 BELLE_PADDED_SUPERVISED_SHARE = 0.032
 BELLE_PADDED_PADDING_SHARE = 0.932
 SUPERVISED_SHARE = BELLE_PADDED_SUPERVISED_SHARE / (1 - BELLE_PADDED_PADDING_SHARE)  # of a conversation's tokens
-TEMPLATE_TOKENS = 10  # ChatML headers and end-of-turn markers of a one-turn conversation, tiny tokenizer
 MIN_TOKENS = 24
 TARGET = 10.0
 
@@ -75,19 +85,31 @@ def corpus_tokens(tokenizer: PreTrainedTokenizerBase, max_chars: int = 400_000) 
     return [token for ids in encoded for token in ids]
 
 
+def template_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens the chat template adds to a one-turn conversation: 10 for the tiny tokenizer's ChatML,
+    more where the template adds a default system prompt (Qwen2.5's)."""
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    (row,) = encode_conversation(messages, tokenizer, IM_END)
+    return len(row["input_ids"]) - 2
+
+
 def synthesise(tokenizer: PreTrainedTokenizerBase, count: int, seed: int = 0) -> list[dict[str, list[int]]]:
     """Encoded one-turn conversations of BELLE-like lengths, ~47 % of each one supervised."""
     stream = corpus_tokens(tokenizer)
+    overhead = template_tokens(tokenizer)
     rng = random.Random(seed + 1)
-    samples = []
+    samples: list[dict[str, list[int]]] = []
     for length in belle_like_lengths(count, seed):
-        body = max(2, length - TEMPLATE_TOKENS)
+        body = max(2, length - overhead)
         answer = max(1, round(length * SUPERVISED_SHARE) - 1)  # the end-of-turn marker is supervised too
         question = max(1, body - answer)
         start = rng.randrange(0, len(stream) - body - 1)
         messages = [
-            {"role": "user", "content": tokenizer.decode(stream[start : start + question]).strip() or "?"},
-            {"role": "assistant", "content": tokenizer.decode(stream[start + question : start + body]).strip() or "!"},
+            {"role": "user", "content": str(tokenizer.decode(stream[start : start + question])).strip() or "?"},
+            {
+                "role": "assistant",
+                "content": str(tokenizer.decode(stream[start + question : start + body])).strip() or "!",
+            },
         ]
         samples.extend(
             {k: v[:SEQ_LEN] for k, v in row.items()} for row in encode_conversation(messages, tokenizer, IM_END)
@@ -95,20 +117,46 @@ def synthesise(tokenizer: PreTrainedTokenizerBase, count: int, seed: int = 0) ->
     return samples
 
 
-def tiny_model() -> Qwen2ForCausalLM:
+def read_samples(path: Path, tokenizer: PreTrainedTokenizerBase, count: int) -> tuple[list[dict[str, list[int]]], int]:
+    """The training rows of the first ``count`` conversations of a real file, as training encodes them.
+
+    ``fit_conversation`` with ``max_seq_length`` 2048 and the default length policy (oldest turns
+    dropped until the conversation fits); also returns how many conversations that policy dropped.
+    """
+    data_args = SFTDataArguments(train_files=[str(path)], max_seq_length=SEQ_LEN, end_of_turn_token=IM_END)
+    conversations = read_conversation_files([path])
+    samples, dropped = [], 0
+    for record in conversations.select(range(min(count, len(conversations)))):
+        fitted = fit_conversation(record["messages"], tokenizer, data_args, record["source"])
+        if fitted["drop_reason"]:
+            dropped += 1
+        else:
+            samples.extend(fitted["rows"])
+    return samples, dropped
+
+
+def tiny_model(vocab_size: int) -> Qwen2ForCausalLM:
+    """The shipped tiny config with positions raised to 2048 and ``vocab_size`` ids, sdpa, train mode."""
     config = Qwen2Config.from_pretrained(TINY_MODEL_DIR)
     config.max_position_embeddings = SEQ_LEN
+    config.vocab_size = vocab_size
     config.use_cache = False
     torch.manual_seed(0)
     return Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").train()
 
 
-def our_batches(samples: list[dict[str, list[int]]]) -> list[dict[str, torch.Tensor]]:
+def our_batches(samples: list[dict[str, list[int]]], pad_id: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """One packed row per micro-batch in the sdpa layout, and the padded positions (none: a row is the batch)."""
     packed = pack_batch(
         {"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]}, SEQ_LEN
     )
-    rows = [{k: packed[k][i] for k in packed} for i in range(len(packed["input_ids"]))]
-    return [collate_packed([row]) for row in rows]
+    collate = PackedRowsCollator(pad_id)
+    batches, padded = [], 0
+    for i in range(len(packed["input_ids"])):
+        batch = collate([{k: packed[k][i] for k in packed}])
+        padded += int(batch.pop(PADDED_POSITIONS))  # a count for the token counter, not a model input
+        batches.append(batch)
+    return batches, padded
 
 
 def recipe_batches(samples: list[dict[str, list[int]]], pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -132,14 +180,21 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
         optimizer.zero_grad(set_to_none=True)
 
 
-def run(samples: int = 64, repeats: int = 3, seed: int = 0) -> Result:
+def run(
+    samples: int = 64, repeats: int = 3, seed: int = 0, tokenizer_dir: Path | None = None, data: Path | None = None
+) -> Result:
     set_threads()
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    conversations = synthesise(tokenizer, samples, seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or TINY_MODEL_DIR)
+    dropped = 0
+    if data is None:
+        conversations = synthesise(tokenizer, samples, seed)
+    else:
+        conversations, dropped = read_samples(data, tokenizer, samples)
     lengths = [len(s["input_ids"]) for s in conversations]
     supervised = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in conversations)
-    ours, recipe = our_batches(conversations), recipe_batches(conversations, tokenizer.pad_token_id)
-    our_model = tiny_model()
+    ours, ours_padded = our_batches(conversations, tokenizer.pad_token_id)
+    recipe = recipe_batches(conversations, tokenizer.pad_token_id)
+    our_model = tiny_model(len(tokenizer))
     recipe_model = copy.deepcopy(our_model)
     packing_only_model = copy.deepcopy(our_model)  # ours with the standard loss: what packing alone buys
     enable_memory_efficient_loss(our_model)
@@ -156,12 +211,12 @@ def run(samples: int = 64, repeats: int = 3, seed: int = 0) -> Result:
     recipe_steps: list[float] = []
     for round_index in range(repeats):
         for i, row in enumerate(ours):
-            ours_steps[i].append(timed(lambda row=row: train_steps(our_model, our_opt, [row])))
+            ours_steps[i].append(timed(functools.partial(train_steps, our_model, our_opt, [row])))
             packing_only_steps[i].append(
-                timed(lambda row=row: train_steps(packing_only_model, packing_only_opt, [row]))
+                timed(functools.partial(train_steps, packing_only_model, packing_only_opt, [row]))
             )
             sample = recipe[(round_index * len(ours) + i) % len(recipe)]
-            recipe_steps.append(timed(lambda sample=sample: train_steps(recipe_model, recipe_opt, [sample])))
+            recipe_steps.append(timed(functools.partial(train_steps, recipe_model, recipe_opt, [sample])))
     ours_seconds = sum(median(times) for times in ours_steps)
     packing_only_seconds = sum(median(times) for times in packing_only_steps)
     recipe_seconds = len(conversations) * median(recipe_steps)
@@ -169,6 +224,8 @@ def run(samples: int = 64, repeats: int = 3, seed: int = 0) -> Result:
     positions_padded = len(conversations) * SEQ_LEN
     sorted_lengths = sorted(lengths)
     detail = {
+        "tokenizer": f"{tokenizer_dir or 'tiny'} ({len(tokenizer)} ids)",
+        "data": f"{data} (first {samples} conversations, {dropped} dropped)" if data else "synthetic",
         "conversations": len(conversations),
         "median_tokens": statistics.median(lengths),
         "p90_tokens": sorted_lengths[int(0.9 * (len(lengths) - 1))],
@@ -178,7 +235,7 @@ def run(samples: int = 64, repeats: int = 3, seed: int = 0) -> Result:
         "recipe_supervised_tokens_per_s": round(recipe_rate, 1),
         "packing_only_supervised_tokens_per_s": round(supervised / packing_only_seconds, 1),
         "packing_only_ratio": round(recipe_seconds / packing_only_seconds, 2),
-        "ours_padding_share": 0.0,
+        "ours_padding_share": round(ours_padded / (ours_padded + sum(lengths)), 4),
         "ours_rows": len(ours),
         "ours_row_fill": round(sum(lengths) / (len(ours) * SEQ_LEN), 3),
         "recipe_padding_share": round(1 - sum(lengths) / positions_padded, 4),
@@ -196,8 +253,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=64, help="conversations per pass")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the tiny tokenizer)")
+    parser.add_argument("--data", type=Path, help="real conversation file (default: synthetic BELLE-like lengths)")
     args = parser.parse_args()
-    result = run(args.samples, args.repeats)
+    result = run(args.samples, args.repeats, tokenizer_dir=args.tokenizer, data=args.data)
     print_result(result)
 
 

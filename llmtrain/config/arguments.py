@@ -361,6 +361,9 @@ class TrainArguments(TrainingArguments):
             )
         if self.bf16 is None:
             self.bf16 = _bf16_supported(self.use_cpu)
+        if self.eval_on_start and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            logger.info("eval_strategy 'no' turns every evaluation off, eval_on_start's too")
+            self.eval_on_start = False
         if self.use_cpu:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if isinstance(self.report_to, str) and "," in self.report_to:

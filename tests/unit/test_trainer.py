@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.pretrain import collate_blocks
+from llmtrain.errors import ConfigError
 from llmtrain.paths import TINY_MODEL_DIR
 from llmtrain.run.checkpoints import COMPLETE_MARKER
 from llmtrain.run.trainer import build_trainer
@@ -47,3 +50,19 @@ def test_checkpoints_rotate_by_our_rule_and_record_the_users_save_total_limit(tm
     assert (tmp_path / "run" / "checkpoint-3" / COMPLETE_MARKER).is_file()
     saved = torch.load(tmp_path / "run" / "checkpoint-3" / "training_args.bin", weights_only=False)
     assert saved.save_total_limit == 1
+
+
+def test_evaluating_without_validation_data_is_one_clear_error_and_eval_strategy_no_means_no_eval(
+    tmp_path: Path,
+) -> None:
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL_DIR))
+    blocks = datasets.Dataset.from_dict({"input_ids": [[1] * BLOCK_SIZE]})
+    tokenizer, manifest = AutoTokenizer.from_pretrained(TINY_MODEL_DIR), {"config": {}, "run_id": "unit-test-run"}
+    args = TrainArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=1, report_to="none", eval_strategy="steps")
+    with pytest.raises(ConfigError, match=re.escape("eval_strategy='steps' but there is no validation data")):
+        build_trainer(model, tokenizer, args, blocks, None, collate_blocks, manifest)
+    # The tiny configs set eval_on_start (the quick start's "before"); --eval_strategy no switches it off too.
+    args = TrainArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=1, report_to="none", eval_strategy="no",
+                          eval_on_start=True)  # fmt: skip
+    assert args.eval_on_start is False
+    build_trainer(model, tokenizer, args, blocks, None, collate_blocks, manifest)
