@@ -81,6 +81,7 @@ def sft_args(tmp: Path, base_model: Path, data: Path, output_dir: Path) -> list[
         "--model_name_or_path", str(base_model), "--train_files", str(data), "--output_dir", str(output_dir),
         "--report_to", "none", "--use_cpu", "true", "--dataset_cache_dir", str(tmp / "cache"),
         "--validation_split_percentage", "0", "--eval_strategy", "no", "--max_steps", "2",
+        "--finetuning_type", "lora",
     ]  # fmt: skip
 
 

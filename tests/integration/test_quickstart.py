@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 PRETRAIN_STEPS = "120"  # the quick start's run takes 330 (2 ranks); this is enough for SFT to build on
 SFT_STEPS = "100"  # the quick start's takes 225 (2 ranks)
 MAX_NEW_TOKENS = 48
+STAGE_TIMEOUT_S = 600  # each stage takes ~1 min on 2 idle cores; a busy machine can take several times that
 CUT_OFF = f"[cut off after {MAX_NEW_TOKENS} tokens: no end of turn]"
 
 
@@ -44,11 +45,14 @@ def test_after_sft_the_tiny_default_answers_in_format_and_ends_its_turn(tmp_path
     pretrained, tuned = tmp_path / "pretrain-tiny", tmp_path / "sft-tiny-full"
     common = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
     pretrain = run_entry(
-        ["--output_dir", str(pretrained), "--max_steps", PRETRAIN_STEPS, "--eval_strategy", "no", *common], tmp_path
+        ["--output_dir", str(pretrained), "--max_steps", PRETRAIN_STEPS, "--eval_strategy", "no", *common],
+        tmp_path,
+        timeout=STAGE_TIMEOUT_S,
     )
     assert pretrain.returncode == 0, pretrain.stdout[-3000:] + pretrain.stderr[-3000:]
     sft_args = ["--model_name_or_path", str(pretrained), "--output_dir", str(tuned), "--max_steps", SFT_STEPS]
-    sft = run_entry([*sft_args, "--eval_steps", SFT_STEPS, *common], tmp_path, entry="finetune.py")
+    sft_args += ["--eval_steps", SFT_STEPS, *common]
+    sft = run_entry(sft_args, tmp_path, entry="finetune.py", timeout=STAGE_TIMEOUT_S)
     assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
 
     prompts = quickstart_prompts()
