@@ -325,6 +325,23 @@ def collate_packed(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([values], dtype=torch.long) for key, values in flat.items()}
 
 
+def pad_right(features: list[dict[str, Any]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``input_ids`` (padded with ``pad_token_id``) and ``labels`` (with -100) as ``[rows, longest]``; the lengths.
+
+    >>> rows = [{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7], "labels": [7]}]
+    >>> ids, labels, lengths = pad_right(rows, 0)
+    >>> ids.tolist(), labels.tolist(), lengths
+    ([[5, 6], [7, 0]], [[-100, 6], [7, -100]], [2, 1])
+    """
+    lengths = [len(feature["input_ids"]) for feature in features]
+    input_ids = torch.full((len(features), max(lengths)), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), max(lengths)), IGNORE_INDEX, dtype=torch.long)
+    for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
+        input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
+        labels[row, :length] = torch.as_tensor(feature["labels"])
+    return input_ids, labels, lengths
+
+
 @dataclass
 class PackedRowsCollator:
     """Packed rows kept as rows, padded to the longest: one block-diagonal mask per row (sdpa, eager).
@@ -345,17 +362,13 @@ class PackedRowsCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, feature in enumerate(features):
-            length = len(feature["input_ids"])
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
-            labels[row, :length] = torch.as_tensor(feature["labels"])
+        input_ids, labels, lengths = pad_right(features, self.pad_token_id)
+        longest = input_ids.shape[1]
+        position_ids = torch.zeros_like(input_ids)
+        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
             position_ids[row, :length] = torch.as_tensor(feature["position_ids"])
             position_ids[row, length:] = torch.arange(longest - length)
-        padded = len(features) * longest - sum(len(f["input_ids"]) for f in features)
+        padded = input_ids.numel() - sum(lengths)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 PADDED_POSITIONS: torch.tensor(padded)}  # fmt: skip
 
@@ -376,15 +389,8 @@ class PaddingCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, feature in enumerate(features):
-            length = len(feature["input_ids"])
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
-            labels[row, :length] = torch.as_tensor(feature["labels"])
-            attention_mask[row, :length] = 1
+        input_ids, labels, lengths = pad_right(features, self.pad_token_id)
+        attention_mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
