@@ -13,8 +13,10 @@ import sys
 
 from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config
-from llmtrain.data.sft import PaddingCollator, check_collated_batch, packed_collator, prepare_sft_data
+from llmtrain.data.collate import check_collated_batch, check_layout_fits_model, choose_layout, collator_for
+from llmtrain.data.sft import prepare_sft_data
 from llmtrain.finetuning import apply_finetuning_method
+from llmtrain.mixers import recurrent_mixers
 from llmtrain.modeling import (
     build_model,
     check_sequence_length,
@@ -23,6 +25,7 @@ from llmtrain.modeling import (
     resolve_attn_implementation,
     stop_at_end_of_turn,
 )
+from llmtrain.multimodal import MultimodalBase
 from llmtrain.run.output_dir import inspect_output_dir
 from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
 from llmtrain.run.train import train_in_output_dir
@@ -44,25 +47,23 @@ def main(argv: list[str]) -> None:
     start = None if data_args.prepare_only else inspect_output_dir(training_args, run_config)
     if start is not None and start.already_finished:
         return
+    layout = choose_layout(data_args.packing, resolve_attn_implementation(model_args.attn_implementation), model_config)
+    layout.announce()
     with training_args.main_process_first(desc="encode conversations"):
-        data = prepare_sft_data(data_args, tokenizer)
-    attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
-    collator = (
-        packed_collator(attn_implementation, tokenizer.pad_token_id)
-        if data_args.packing
-        else PaddingCollator(tokenizer.pad_token_id)
-    )
+        data = prepare_sft_data(data_args, tokenizer, layout)
+    collator = collator_for(layout, tokenizer.pad_token_id)
     check_collated_batch(collator([data.train[i] for i in range(min(MASK_CHECK_ROWS, len(data.train)))]))
     if start is None:
         return
     model = build_model(model_args, model_config, tokenizer, training_args.seed)
+    check_layout_fits_model(layout, recurrent_mixers(model))
     stop_at_end_of_turn(model, tokenizer, data_args.end_of_turn_token)
     model = apply_finetuning_method(
         model, method_args, training_args.activation_checkpointing, model_args.base_model_reference
     )
-    train_in_output_dir(
-        model, tokenizer, training_args, run_config, start, data, collator, SFT.sequence_length(data_args)
-    )
+    published = MultimodalBase.find(model_args.model_name_or_path, model_config)  # saved back in its layout
+    length = SFT.sequence_length(data_args)
+    train_in_output_dir(model, tokenizer, training_args, run_config, start, data, collator, length, published)
 
 
 if __name__ == "__main__":

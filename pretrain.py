@@ -14,6 +14,7 @@ from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config
 from llmtrain.data.pretrain import collate_blocks, prepare_pretrain_data
 from llmtrain.modeling import build_model, check_sequence_length, load_model_config, load_tokenizer_for
+from llmtrain.multimodal import MultimodalBase
 from llmtrain.run.output_dir import inspect_output_dir
 from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
 from llmtrain.run.train import train_in_output_dir
@@ -38,9 +39,9 @@ def main(argv: list[str]) -> None:
     if start is None:
         return
     model = build_model(model_args, model_config, tokenizer, training_args.seed)
-    train_in_output_dir(
-        model, tokenizer, training_args, run_config, start, data, collate_blocks, PRETRAIN.sequence_length(data_args)
-    )
+    published = MultimodalBase.find(model_args.model_name_or_path, model_config)  # saved back in its layout
+    length = PRETRAIN.sequence_length(data_args)
+    train_in_output_dir(model, tokenizer, training_args, run_config, start, data, collate_blocks, length, published)
 
 
 if __name__ == "__main__":

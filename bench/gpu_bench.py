@@ -4,9 +4,9 @@
     python -m bench.gpu_bench --matrix --budget-s 1200 --out results/matrix.json   # eager/compiled x Liger
     python -m bench.gpu_bench --smoke --out /tmp/smoke.json   # tiny config, 2 steps, CPU is fine
 
-Imports only torch, transformers, peft and the standard library (plus ``llmtrain.loss`` and
-``llmtrain.metrics``, which import nothing else), so it runs on a bare GPU box without datasets,
-DeepSpeed or SwanLab.
+Imports only torch, transformers, peft and the standard library (plus ``llmtrain.loss``,
+``llmtrain.metrics``, ``llmtrain.mixers`` and the collators of ``llmtrain.data.collate``, which import
+nothing else), so it runs on a bare GPU box without datasets, DeepSpeed or SwanLab.
 
 Every run is a bare training step shaped like the Trainer's: forward with ``labels``, backward,
 ``clip_grad_norm_(1.0)``, fused AdamW, ``zero_grad``. Batches are full blocks of random token ids
@@ -35,6 +35,12 @@ skips it); LoRA SFT on the Qwen2.5-7B shape as above (``--no-lora`` skips it). L
 replace Qwen2's modules for the whole process and cannot be undone, so every "off" cell runs
 before the first "on" one (``--liger off|on|both``); where Liger cannot run (not installed, no
 CUDA) the "on" cells are reported as not run, with the reason.
+
+Last (both modes, ``--no-hybrid`` skips it): Qwen3.5-0.8B full SFT on the same BELLE-like packed rows,
+in the exact packed layout for its Gated DeltaNet layers (``packed_flat_varlen``: flattened, with
+``cu_seq_lens`` and ``seq_idx`` for every mixer; needs flash-attn, flash-linear-attention and
+causal-conv1d) and in the per-conversation rows a machine without those kernels trains, with the
+first loss of both compared (they must agree). Without the kernels both rows say what is missing.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import contextlib
 import dataclasses
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import platform
@@ -59,8 +66,10 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from llmtrain.data.collate import FlatPackedCollator, PackedRowsCollator, PaddingCollator
 from llmtrain.loss import enable_memory_efficient_loss, find_causal_lm, liger_kernels_problem
-from llmtrain.metrics import count_flop_params, device_peak_flops, flops_per_token, mfu
+from llmtrain.metrics import PADDED_POSITIONS, count_flop_params, device_peak_flops, flops_per_token, mfu
+from llmtrain.mixers import missing_varlen_kernels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = {
@@ -68,6 +77,8 @@ MODEL_CONFIGS = {
     "qwen2.5-1.5b": REPO_ROOT / "configs/model/qwen2.5-1.5b.json",
 }
 TINY_CONFIG = REPO_ROOT / "llmtrain/assets/tiny/config.json"
+HYBRID_CONFIG = REPO_ROOT / "configs/model/qwen3.5-0.8b.json"  # Qwen3.5-0.8B's published text_config
+HYBRID_WORKLOADS = ("sft-packed-varlen", "sft-per-conversation")
 # Qwen2.5-7B's shape (its config.json on the hub), written out so nothing is downloaded.
 QWEN2_5_7B_SHAPE: dict[str, Any] = {
     "hidden_size": 3584,
@@ -108,7 +119,7 @@ class Run:
     lora: bool = False
     compiled: bool = False
     liger: bool = False  # Liger's RMSNorm / RoPE / SwiGLU patched in (the matrix only)
-    workload: str = "pretrain"  # pretrain, sft-packed or lora-sft
+    workload: str = "pretrain"  # pretrain, sft-packed, lora-sft, or Qwen3.5's sft-packed-varlen / sft-per-conversation
     real_tokens_per_step: int | None = None  # tokens that are not padding, where a batch has padding
     tokens_per_second: float | None = None
     mfu: float | None = None
@@ -385,48 +396,113 @@ def bench_lora(bench: Bench, config: Qwen2Config, seq_len: int, micro_batches: l
     return runs
 
 
-def packed_sft_batch(
-    rows: int, seq_len: int, vocab_size: int, device: torch.device, seed: int = 0
-) -> tuple[dict[str, torch.Tensor], int]:
-    """``rows`` packed SFT rows of random ids in ``PackedRowsCollator``'s layout, and their real tokens.
+def belle_packed_rows(rows: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """``rows`` packed SFT rows of random ids, as ``pack_batch`` writes them (restarting position ids).
 
     Conversation lengths are BELLE-like (lognormal through median 109 and p90 261 tokens, clipped to
     [24, ``seq_len``]), packed next-fit into rows of <= ``seq_len``; the last 47 % of each
-    conversation is supervised, the rest (its first token included) -100. Rows are padded to the
-    longest with position ids of their own (0, 1, ...), labels -100 and no attention mask, as
-    ``llmtrain.data.sft.PackedRowsCollator`` does (not imported: that module needs datasets).
+    conversation is supervised, the rest (its first token included) -100.
     """
     rng = random.Random(seed)
     mu = math.log(BELLE_MEDIAN)
     sigma = (math.log(BELLE_P90) - mu) / statistics.NormalDist().inv_cdf(0.9)
     shortest = min(SHORTEST_CONVERSATION, seq_len)
-    conversations: list[list[int]] = [[]]  # lengths, per row
+    lengths: list[list[int]] = [[]]  # per row
     room = seq_len
     while True:
         length = min(seq_len, max(shortest, round(rng.lognormvariate(mu, sigma))))
         if length > room:
-            if len(conversations) == rows:
+            if len(lengths) == rows:
                 break
-            conversations.append([])
+            lengths.append([])
             room = seq_len
-        conversations[-1].append(length)
+        lengths[-1].append(length)
         room -= length
-    longest = max(sum(lengths) for lengths in conversations)
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (rows, longest), generator=generator)
-    labels = torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((rows, longest), dtype=torch.long)
-    for row, lengths in enumerate(conversations):
-        start = 0
-        for length in lengths:
+    packed = []
+    for row in lengths:
+        input_ids = torch.randint(0, vocab_size, (sum(row),), generator=generator).tolist()
+        labels, position_ids, start = [IGNORE_INDEX] * len(input_ids), [], 0
+        for length in row:
             answer = start + length - max(1, round(length * BELLE_SUPERVISED_SHARE))
-            labels[row, answer : start + length] = input_ids[row, answer : start + length]
-            position_ids[row, start : start + length] = torch.arange(length)
+            labels[answer : start + length] = input_ids[answer : start + length]
+            position_ids += list(range(length))
             start += length
-        input_ids[row, start:] = 0
-        position_ids[row, start:] = torch.arange(longest - start)
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    return {key: value.to(device) for key, value in batch.items()}, sum(map(sum, conversations))
+        packed.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
+    return packed
+
+
+def conversations_of(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """The conversations of packed rows, one each (split where the position ids restart)."""
+    found = []
+    for row in rows:
+        starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
+        for start, end in itertools.pairwise(starts):
+            found.append({key: row[key][start:end] for key in ("input_ids", "labels")})
+    return found
+
+
+def packed_sft_batch(
+    rows: int, seq_len: int, vocab_size: int, device: torch.device, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`belle_packed_rows` through ``PackedRowsCollator`` (sdpa's layout), and their real tokens."""
+    packed = belle_packed_rows(rows, seq_len, vocab_size, seed)
+    batch = PackedRowsCollator(pad_token_id=0)(packed)
+    batch.pop(PADDED_POSITIONS)
+    return {key: value.to(device) for key, value in batch.items()}, sum(len(row["input_ids"]) for row in packed)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def bench_hybrid_sft(bench: Bench, seq_len: int, micro_batch: int) -> list[Run]:
+    """Qwen3.5-0.8B full SFT on packed rows: exact varlen packing vs the per-conversation fallback, and their losses.
+
+    ``packed_flat_varlen`` (flash-attention + flash-linear-attention + causal-conv1d, each boundary passed
+    to every mixer) against ``padded`` (the same conversations one per row, what a machine without the
+    kernels trains); both amp, chunked loss. The first step's loss of the two must agree (one step's
+    relative difference is recorded in the varlen run's ``error`` field only when it exceeds 1e-2).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = "qwen3.5-0.8b"
+    missing = missing_varlen_kernels()
+    cells = [Run(name, seq_len, micro_batch, "amp", "chunked", True, workload=w) for w in HYBRID_WORKLOADS]
+    if missing:
+        for cell in cells:
+            cell.error = f"not run: {', '.join(missing)} missing"
+            log_run(cell)
+        return cells
+    config = AutoConfig.from_pretrained(HYBRID_CONFIG)
+    config.use_cache = False
+    with torch.device(bench.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="flash_attention_2")
+    model.train()
+    set_checkpointing(model, True)
+    enable_memory_efficient_loss(model, backend="chunked")
+    rows = belle_packed_rows(micro_batch, seq_len, config.vocab_size)
+    conversations = conversations_of(rows)
+    batches = {
+        "sft-packed-varlen": to_device(FlatPackedCollator(boundaries=True)(rows), bench.device),
+        "sft-per-conversation": to_device(PaddingCollator(pad_token_id=0)(conversations), bench.device),
+    }
+    real_tokens = sum(len(row["input_ids"]) for row in rows)
+    losses = {}
+    for workload, batch in batches.items():
+        with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):
+            losses[workload] = model(**batch).loss.item()
+    fpt = flops_per_token(config, seq_len)
+    for cell in cells:
+        cell.real_tokens_per_step = real_tokens
+        measure(bench, model, cell, config.vocab_size, fpt, batch=batches[cell.workload])
+    difference = abs(losses["sft-packed-varlen"] - losses["sft-per-conversation"]) / losses["sft-per-conversation"]
+    print(f"  {name}: packed (varlen) vs per-conversation first loss, relative difference {difference:.2e}", flush=True)
+    if difference > 1e-2:
+        cells[0].error = f"packed loss differs from the per-conversation loss by {difference:.1e} (relative)"
+    del model
+    free_memory()
+    return cells
 
 
 def apply_liger_kernels(model: Qwen2ForCausalLM) -> None:
@@ -590,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix-micro-batch", type=int, default=MATRIX_MICRO_BATCH, help="rows per step, every cell")
     parser.add_argument("--liger", choices=("off", "on", "both"), default="both", help="the matrix's Liger states")
     parser.add_argument("--no-sft", action="store_true", help="the matrix without its 1.5B packed-SFT workload")
+    parser.add_argument("--no-hybrid", action="store_true", help="skip Qwen3.5 packed SFT (varlen vs per-conversation)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -646,6 +723,11 @@ def main(argv: list[str] | None = None) -> int:
             runs += bench_lora(bench, lora_config, seq_len, micro_batches[:4])
         except BudgetSpent:
             skipped.append("lora")
+    if not args.no_hybrid:
+        try:
+            runs += bench_hybrid_sft(bench, seq_len, matrix_micro_batch)
+        except BudgetSpent:
+            skipped.append("qwen3.5 packed sft")
 
     table = markdown(runs)
     print("\n" + table)

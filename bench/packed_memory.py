@@ -10,7 +10,7 @@ sdpa, the chunked loss as ``loss_implementation: auto`` gives on a CPU, no optim
   conversation): transformers builds a block-diagonal causal mask per row, rows x L²;
 * **padding**: every conversation that went into those rows is a row of its own, padded to the
   longest (``PaddingCollator``, attention mask): what ``packing: false`` trains on, conversations x L_max²;
-* **flattened** (reference): the same rows as one ``[1, rows x L]`` sequence (``collate_packed``,
+* **flattened** (reference): the same rows as one ``[1, rows x L]`` sequence (``FlatPackedCollator``,
   flash-attention's layout) under sdpa: one ``(rows x L)²`` mask.
 
 Conversations: the BELLE-like lengths of ``bench.sft_throughput`` (median 109, p90 261 tokens), the
@@ -42,7 +42,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.common import REPO_ROOT, Result, median, print_result, set_threads
 from bench.sft_throughput import BELLE_MEDIAN, SEQ_LEN, synthesise, tiny_model
-from llmtrain.data.sft import PackedRowsCollator, PaddingCollator, collate_packed, pack_batch, pack_rows
+from llmtrain.data.collate import FlatPackedCollator, PackedRowsCollator, PaddingCollator
+from llmtrain.data.sft import pack_batch, pack_rows
 from llmtrain.loss import enable_memory_efficient_loss
 from llmtrain.metrics import PADDED_POSITIONS
 from llmtrain.paths import TINY_MODEL_DIR
@@ -79,7 +80,7 @@ def layouts(conversations: list[dict[str, list[int]]], pad_token_id: int) -> dic
     batches = {
         "rows": PackedRowsCollator(pad_token_id)(rows),
         "padding": PaddingCollator(pad_token_id)(conversations),
-        "flattened": collate_packed(rows),
+        "flattened": FlatPackedCollator()(rows),
     }
     for batch in batches.values():
         batch.pop(PADDED_POSITIONS, None)  # a count for the token counter, not a model input

@@ -47,8 +47,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 
 from bench.common import Result, median, print_result, set_threads, timed
 from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.data.collate import PackedRowsCollator
 from llmtrain.data.conversations import read_conversation_files
-from llmtrain.data.sft import IGNORE_INDEX, PackedRowsCollator, encode_conversation, fit_conversation, pack_batch
+from llmtrain.data.sft import IGNORE_INDEX, encode_conversation, fit_conversation, pack_batch
 from llmtrain.loss import enable_memory_efficient_loss
 from llmtrain.metrics import PADDED_POSITIONS
 from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR

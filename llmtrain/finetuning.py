@@ -12,16 +12,24 @@ from transformers.pytorch_utils import Conv1D
 
 from llmtrain.config.arguments import FinetuneArguments
 from llmtrain.errors import ConfigError
+from llmtrain.mixers import recurrent_mixers
 from llmtrain.modeling import parameter_count
 
 logger = logging.getLogger(__name__)
 
-# peft's "all-linear" is every Linear but the output head.
+# qv / qkvo name softmax attention's projections; "attention" adds every other token mixer's (a hybrid model's
+# linear-attention layers); peft's "all-linear" is every Linear but the output head. In a model with recurrent
+# mixers (llmtrain.mixers) the last two are resolved here, without the per-head gates (see per_head_gates).
 LORA_PRESETS: dict[str, list[str] | str] = {
     "qv": ["q_proj", "v_proj"],
     "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "all-linear": "all-linear",
 }
+SOFTMAX_PRESETS = ("qv", "qkvo")
+# A per-head gate projection (Gated DeltaNet's in_proj_a / in_proj_b: one scalar per value head) is at
+# least this many times narrower than its input; an adapter on it adds almost nothing and vLLM may not serve it.
+GATE_NARROWING = 16
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # The layer types peft's LoRA can wrap (the list in its "Target module ... is not supported" error, peft 0.21).
 # A name that matches only other modules, such as Qwen3's q_norm/k_norm (RMSNorm), would fail inside get_peft_model.
@@ -55,11 +63,62 @@ def resolve_layers(spec: str | None, total: int) -> list[int] | None:
     return layers
 
 
+def per_head_gates(model: nn.Module) -> set[str]:
+    """Leaf names of the Linear layers inside recurrent mixers that output one value per head (gates).
+
+    >>> from transformers import Qwen3_5TextConfig, Qwen3_5ForCausalLM
+    >>> sorted(per_head_gates(Qwen3_5ForCausalLM(Qwen3_5TextConfig(hidden_size=64, num_hidden_layers=4,
+    ...     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    ...     num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=32, vocab_size=32))))
+    ['in_proj_a', 'in_proj_b']
+    """
+    gates = set()
+    for mixer in recurrent_mixers(model):
+        for name, module in model.get_submodule(mixer).named_modules():
+            if isinstance(module, nn.Linear) and module.out_features * GATE_NARROWING <= module.in_features:
+                gates.add(name.rsplit(".", 1)[-1])
+    return gates
+
+
+def recurrent_mixer_linears(model: nn.Module) -> set[str]:
+    """Leaf names of the Linear layers in recurrent mixers but the gates (Qwen3.5: in_proj_qkv, in_proj_z, out_proj)."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for mixer in recurrent_mixers(model)
+        for name, module in model.get_submodule(mixer).named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    return names - per_head_gates(model)
+
+
+def preset_modules(model: PreTrainedModel, spec: str) -> list[str] | None:
+    """The module names a preset stands for in ``model`` (None: peft's own "all-linear")."""
+    preset = LORA_PRESETS[spec]
+    if not recurrent_mixers(model):
+        return list(preset) if isinstance(preset, list) else None
+    if spec in SOFTMAX_PRESETS:
+        logger.warning(
+            "lora_target_modules: %s adapts the softmax-attention layers only; this model's linear-attention layers "
+            "get no adapter in their token mixer (the 'attention' or 'all-linear' preset adapts them too)",
+            spec,
+        )
+        return list(preset)
+    mixers = set(LORA_PRESETS["qkvo"]) | recurrent_mixer_linears(model)
+    if spec == "attention":
+        return sorted(mixers)
+    linears = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    output_layer = model.get_output_embeddings()
+    heads = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is output_layer}
+    return sorted(linears - per_head_gates(model) - heads)
+
+
 def resolve_target_modules(model: PreTrainedModel, spec: str, layers: list[int] | None) -> list[str] | str:
-    """Preset or explicit module names; every explicit name must match a layer LoRA can wrap in the chosen layers."""
+    """Preset or explicit module names; every explicit name must match a layer LoRA can wrap in the chosen layers.
+
+    A preset leaves out the per-head gates of recurrent mixers (:func:`per_head_gates`); an explicit name never is.
+    """
     if spec in LORA_PRESETS:
-        preset = LORA_PRESETS[spec]
-        names = preset if isinstance(preset, list) else None
+        names = preset_modules(model, spec)
     else:
         names = [name.strip() for name in spec.split(",") if name.strip()]
     if names is None:

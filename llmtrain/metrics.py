@@ -21,10 +21,13 @@ from transformers import PretrainedConfig, TrainerCallback, TrainerControl, Trai
 from transformers import TrainingArguments as HFTrainingArguments
 
 from llmtrain.loss import IGNORE_INDEX
+from llmtrain.mixers import SOFTMAX_LAYER_TYPES, layer_types
 
 # A collated batch's count of padding positions, where no 2-D attention mask says which they are (packed rows
 # kept as rows: a mask would switch off transformers' packed-sequence attention). Popped before the model call.
 PADDED_POSITIONS = "padded_positions"
+# Model types whose softmax attention gates its output (q_proj is twice as wide: queries, then the gate).
+GATED_ATTENTION_MODEL_TYPES = ("qwen3_5", "qwen3_next")
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +54,23 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 
 
 def count_flop_params(config: PretrainedConfig) -> int:
-    """N of the 6N rule for a Qwen2/Qwen3-style config: every weight a token is multiplied by.
+    """N of the 6N rule for a Qwen2/Qwen3/Qwen3.5-style config: every weight a token is multiplied by.
 
-    Counted: q/k/v projections (k and v are ``num_key_value_heads * head_dim`` wide) with their
-    biases where the model has them (Qwen2 always, others per ``attention_bias``), o_proj, Qwen3's
-    q/k RMSNorms, the gate/up/down MLP, both RMSNorms of every layer, the final norm, and the
-    output projection once (also when it is tied to the input embedding). Not counted: the input
+    Counted per layer, by the layer's mixer type (:func:`llmtrain.mixers.layer_types`):
+
+    * softmax attention: q/k/v projections (k and v are ``num_key_value_heads * head_dim`` wide)
+      with their biases where the model has them (Qwen2 always, others per ``attention_bias``),
+      o_proj, Qwen3's q/k RMSNorms; a gated output (Qwen3.5) doubles the q projection, whose
+      second half is the gate;
+    * linear attention (Gated DeltaNet): ``in_proj_qkv``, ``in_proj_z``, the per-head ``in_proj_b``
+      and ``in_proj_a``, the depthwise causal conv1d (``linear_conv_kernel_dim`` taps per channel),
+      the gated RMSNorm, ``out_proj``, and the per-head ``A_log`` and ``dt_bias``;
+
+    and in every layer the gate/up/down MLP and both RMSNorms; then the final norm and the output
+    projection once (also when it is tied to the input embedding). Not counted: the input
     embedding table (a lookup, no multiply). For a tied model this equals the parameter count.
 
-    >>> from transformers import Qwen2Config, Qwen3Config, Qwen3ForCausalLM
+    >>> from transformers import Qwen2Config, Qwen3Config, Qwen3ForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM
     >>> shape = dict(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
     ...              num_key_value_heads=1)
     >>> count_flop_params(Qwen2Config(**shape))
@@ -67,7 +78,30 @@ def count_flop_params(config: PretrainedConfig) -> int:
     >>> qwen3 = Qwen3Config(**shape, head_dim=4, tie_word_embeddings=True)
     >>> count_flop_params(qwen3) == sum(p.numel() for p in Qwen3ForCausalLM(qwen3).parameters())
     True
+
+    A hybrid by hand: hidden 4, one linear-attention layer (2 key heads x 2, 2 value heads x 3,
+    conv 4 taps) and one gated softmax layer (2 heads x 2, 1 kv head), MLP 8, vocab 10, tied.
+    Linear: qkv 4x(4+4+6)=56, z 4x6=24, b and a 4x2 each=16, conv (4+4+6)x4=56, norm 3, out 6x4=24,
+    A_log and dt_bias 2 each=4: 183. Softmax: q 4x(2x2x2)=32, k 4x2=8, v 8, o 4x4=16, q/k norms 2+2: 68.
+    MLP 3x4x8=96 and norms 8 in each layer: 104. Final norm 4, output 10x4=40: 183+68+2x104+44 = 503.
+
+    >>> hybrid = Qwen3_5TextConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
+    ...     layer_types=["linear_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
+    ...     head_dim=2, linear_num_key_heads=2, linear_key_head_dim=2, linear_num_value_heads=2,
+    ...     linear_value_head_dim=3, linear_conv_kernel_dim=4, tie_word_embeddings=True)
+    >>> count_flop_params(hybrid), sum(p.numel() for p in Qwen3_5ForCausalLM(hybrid).parameters())
+    (503, 503)
     """
+    hidden = config.hidden_size
+    mlp = 3 * hidden * config.intermediate_size
+    norms = 2 * hidden
+    mixers = {"full_attention": _softmax_attention_params(config), "linear_attention": _linear_attention_params(config)}
+    mixers["sliding_attention"] = mixers["chunked_attention"] = mixers["full_attention"]
+    per_layer = [mixers[kind] + mlp + norms for kind in layer_types(config)]
+    return sum(per_layer) + hidden + config.vocab_size * hidden
+
+
+def _softmax_attention_params(config: PretrainedConfig) -> int:
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -76,32 +110,65 @@ def count_flop_params(config: PretrainedConfig) -> int:
     has_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
     biases = q_width + 2 * kv_width if has_bias else 0
     qk_norms = 2 * head_dim if config.model_type.startswith("qwen3") else 0
-    attention = hidden * q_width + 2 * hidden * kv_width + biases + q_width * hidden + qk_norms
-    mlp = 3 * hidden * config.intermediate_size
-    norms = 2 * hidden
-    per_layer = attention + mlp + norms
-    return config.num_hidden_layers * per_layer + hidden + config.vocab_size * hidden
+    # transformers' Qwen3.5 / Qwen3-Next attention always gates its output (published configs: attn_output_gate).
+    gated = getattr(config, "attn_output_gate", config.model_type.startswith(GATED_ATTENTION_MODEL_TYPES))
+    q_projection = hidden * q_width * (2 if gated else 1)
+    return q_projection + 2 * hidden * kv_width + biases + q_width * hidden + qk_norms
+
+
+def _linear_attention_params(config: PretrainedConfig) -> int:
+    """Gated DeltaNet's weights per layer (0 for a config without linear attention)."""
+    value_heads = getattr(config, "linear_num_value_heads", None)
+    if value_heads is None:
+        return 0
+    key_width = config.linear_num_key_heads * config.linear_key_head_dim
+    value_width = value_heads * config.linear_value_head_dim
+    conv_channels = 2 * key_width + value_width
+    hidden = config.hidden_size
+    projections = hidden * conv_channels + hidden * value_width + 2 * hidden * value_heads + value_width * hidden
+    return projections + conv_channels * config.linear_conv_kernel_dim + config.linear_value_head_dim + 2 * value_heads
 
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): ``6 N + 12 n_layers d_attn seq_len``.
+    """Training FLOPs per token (forward + backward): ``6 N`` plus each mixer's sequence term.
 
-    ``N`` is :func:`count_flop_params`. The attention term is PaLM's (Chowdhery et al. 2022,
-    appendix B): the ``QK^T`` and ``AV`` matmuls, 2 FLOPs per multiply-add, ×3 for forward plus
-    backward, with ``d_attn = num_attention_heads * head_dim``, and **no causal halving** (the
-    convention the published 40-45 % MFU figures use). For packed rows ``seq_len`` is the row
-    length, an upper bound on the attention actually computed.
+    ``N`` is :func:`count_flop_params`. Softmax attention layers add PaLM's term (Chowdhery et al.
+    2022, appendix B), ``12 d_attn seq_len`` per layer: the ``QK^T`` and ``AV`` matmuls, 2 FLOPs
+    per multiply-add, ×3 for forward plus backward, with ``d_attn = num_attention_heads *
+    head_dim``, and **no causal halving** (the convention the published 40-45 % MFU figures use).
+    For packed rows ``seq_len`` is the row length, an upper bound on the attention actually
+    computed. Linear-attention (Gated DeltaNet) layers add their state work instead, independent of
+    ``seq_len``: per value head a ``d_k x d_v`` state is read against the key, updated by an outer
+    product and read against the query, 3 multiply-adds per state entry, so ``18 d_k d_v`` FLOPs per
+    head forward plus backward (the recurrent form's count; the chunked kernel's intra-chunk
+    products are not counted, as PaLM's term ignores how attention is computed).
 
-    >>> from transformers import Qwen2Config
+    >>> from transformers import Qwen2Config, Qwen3_5TextConfig
     >>> c = Qwen2Config(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
     ...                 num_attention_heads=2, num_key_value_heads=1)
     >>> flops_per_token(c, seq_len=16)  # 6 * 204 + 12 * 1 * 4 * 16
     1992.0
+
+    The hybrid of :func:`count_flop_params` (N = 503): its softmax layer adds 12 x (2 x 2) x 16, its
+    linear-attention layer 18 x 2 heads x 2 x 3:
+
+    >>> hybrid = Qwen3_5TextConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
+    ...     layer_types=["linear_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
+    ...     head_dim=2, linear_num_key_heads=2, linear_key_head_dim=2, linear_num_value_heads=2,
+    ...     linear_value_head_dim=3, linear_conv_kernel_dim=4, tie_word_embeddings=True)
+    >>> flops_per_token(hybrid, seq_len=16)  # 6 * 503 + 768 + 216
+    4002.0
     """
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention = 12 * config.num_hidden_layers * heads * head_dim * seq_len
-    return float(6 * count_flop_params(config) + attention)
+    kinds = layer_types(config)
+    softmax_layers = sum(kind in SOFTMAX_LAYER_TYPES for kind in kinds)
+    attention = 12 * softmax_layers * heads * head_dim * seq_len
+    recurrent = 0
+    if getattr(config, "linear_num_value_heads", None):
+        per_layer = 18 * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+        recurrent = per_layer * kinds.count("linear_attention")
+    return float(6 * count_flop_params(config) + attention + recurrent)
 
 
 def device_peak_flops(device_name: str | None) -> float | None:

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from llmtrain.errors import ConfigError
+from llmtrain.multimodal import is_multimodal, text_training_config
 
 if TYPE_CHECKING:  # the tools load tokenizers and models without the training arguments' imports
     from llmtrain.config.arguments import ModelArguments
@@ -120,7 +121,7 @@ def _first_line(error: BaseException) -> str:
 
 def check_sequence_length(length: int, config: PretrainedConfig, field_name: str) -> None:
     """Refuse sequences longer than the model's position range (RoPE beyond it is untrained)."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and length > limit:
         raise ConfigError(f"{field_name}={length} exceeds the model's max_position_embeddings={limit}")
 
@@ -154,11 +155,21 @@ def build_model(
 
     From scratch, the config's special-token ids are set from the tokenizer so that
     ``generate`` stops at EOS. The KV cache is switched off for training: with it on,
-    transformers skips the packed-sequence mask and samples would attend to each other.
+    transformers skips the packed-sequence mask and samples would attend to each other. A
+    multimodal config (the published Qwen3.5 layout) builds or loads its text model
+    (:func:`llmtrain.multimodal.text_training_config`: the output layer tied as the published class ties it).
     """
     dtype = "auto" if model_args.dtype == "auto" else DTYPES[model_args.dtype]
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
     transformers.set_seed(seed)
+    if is_multimodal(config):
+        logger.info(
+            "%s is a multimodal %s: training its text model (%s); the vision tower is not loaded",
+            model_args.config_name or model_args.model_name_or_path,
+            ", ".join(config.architectures or [config.model_type]),
+            config.get_text_config().model_type,
+        )
+        config = text_training_config(config)
     if model_args.from_scratch:
         if len(tokenizer) > config.vocab_size:
             raise ConfigError(

@@ -183,6 +183,60 @@ def save_random_tiny_qwen3_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+TINY_HYBRID_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, max_position_embeddings=2048,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+)  # fmt: skip
+# Weights some published Qwen3.5 checkpoints carry beside the model (multi-token prediction); transformers skips them.
+MTP_TENSORS = {"mtp.fc.weight": (64, 128), "mtp.norm.weight": (64,), "mtp.layers.0.mlp.up_proj.weight": (128, 64)}
+
+
+def save_random_tiny_qwen3_5_model(
+    directory: Path, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None, tie_declared: str = "top"
+) -> Path:
+    """A randomly initialised tiny Qwen3.5 (3 Gated DeltaNet + 1 gated attention layer) in the published layout.
+
+    As the hub publishes them: ``Qwen3_5ForConditionalGeneration`` with a (tiny) vision tower, the text
+    model under ``model.language_model.*``, ``mtp.*`` tensors, and tied embeddings declared where
+    ``tie_declared`` says: ``"top"`` (the top level only, as in published configs), ``"both"``. The
+    tokenizer (default: the tiny one with its think template) decides the vocabulary.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from llmtrain.paths import TINY_THINK_TEMPLATE
+
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+        tokenizer.chat_template = TINY_THINK_TEMPLATE.read_text(encoding="utf-8")
+    vocab_size = len(tokenizer) + (-len(tokenizer)) % 64
+    text = dict(TINY_HYBRID_TEXT, vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, num_position_embeddings=64
+    )
+    config = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True)
+    config.architectures = ["Qwen3_5ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    Qwen3_5ForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    weights = load_file(directory / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights.update({name: torch.randn(shape, generator=generator) for name, shape in MTP_TENSORS.items()})
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    config_file = directory / "config.json"
+    saved = json.loads(config_file.read_text())
+    if tie_declared == "top":
+        saved["text_config"].pop("tie_word_embeddings", None)
+    else:
+        saved["text_config"]["tie_word_embeddings"] = True
+    config_file.write_text(json.dumps(saved, indent=2))
+    return directory
+
+
 def reasoning_conversations(count: int) -> list[dict[str, object]]:
     """OpenAI-format conversations whose answers carry ``reasoning_content``, half of them two answers long."""
     records: list[dict[str, object]] = []
@@ -237,14 +291,14 @@ def padded_batch(vocab_size: int, length: int = 10, padded_from: int = 6) -> dic
 
 def packed_batch() -> dict:
     """Two conversations packed into one row, flattened (flash-attention's layout): 11 positions."""
-    from llmtrain.data.sft import collate_packed
+    from llmtrain.data.collate import FlatPackedCollator
 
-    return collate_packed([{key: PACKED_ROWS[0][key] + PACKED_ROWS[1][key] for key in PACKED_ROWS[0]}])
+    return FlatPackedCollator()([{key: PACKED_ROWS[0][key] + PACKED_ROWS[1][key] for key in PACKED_ROWS[0]}])
 
 
 def packed_rows_batch() -> dict:
     """The same two conversations as two packed rows kept as rows (sdpa's layout), the second padded."""
-    from llmtrain.data.sft import PackedRowsCollator
+    from llmtrain.data.collate import PackedRowsCollator
     from llmtrain.metrics import PADDED_POSITIONS
 
     batch = PackedRowsCollator(pad_token_id=0)(PACKED_ROWS)

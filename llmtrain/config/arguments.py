@@ -267,7 +267,11 @@ class FinetuneArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: str = field(
         default="all-linear",
-        metadata={"help": "Preset (qv, qkvo, all-linear) or comma-separated module names, e.g. q_proj,v_proj."},
+        metadata={
+            "help": "Preset (qv, qkvo: softmax attention; attention: every token mixer; all-linear: every Linear "
+            "but the output head; presets leave out linear attention's per-head gates) or comma-separated module "
+            "names, e.g. q_proj,v_proj."
+        },
     )
     layers_to_transform: str | None = field(
         default=None,

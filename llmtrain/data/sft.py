@@ -23,14 +23,12 @@ import inspect
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
@@ -42,12 +40,12 @@ from llmtrain.data.cache import (
     load_or_build,
     locate_prepared_data,
 )
+from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY, SequenceLayout
 from llmtrain.data.conversations import REASONING_KEY, Message, read_conversation_files, template_messages
 from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
 from llmtrain.data.pretrain import tokenizer_fingerprint
 from llmtrain.errors import ConfigError, DataError, InvalidRecord
 from llmtrain.loss import IGNORE_INDEX
-from llmtrain.metrics import PADDED_POSITIONS
 
 logger = logging.getLogger(__name__)
 
@@ -312,88 +310,6 @@ def pack_batch(batch: dict[str, list[list[int]]], max_length: int) -> dict[str, 
     return packed
 
 
-def collate_packed(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Flatten packed rows into one padding-free sequence of shape ``[1, total]``: flash-attention's layout.
-
-    No attention mask: flash-attention runs its variable-length kernel from position ids that
-    restart at 0, so no token attends across conversations and no mask is built. Under sdpa or
-    eager, transformers would build one ``[total, total]`` mask from them (quadratic in the whole
-    micro-batch): :class:`PackedRowsCollator` keeps the rows instead. The model must run with
-    ``use_cache=False`` for either.
-    """
-    flat = {key: [v for f in features for v in f[key]] for key in ("input_ids", "labels", "position_ids")}
-    return {key: torch.tensor([values], dtype=torch.long) for key, values in flat.items()}
-
-
-def pad_right(features: list[dict[str, Any]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """``input_ids`` (padded with ``pad_token_id``) and ``labels`` (with -100) as ``[rows, longest]``; the lengths.
-
-    >>> rows = [{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7], "labels": [7]}]
-    >>> ids, labels, lengths = pad_right(rows, 0)
-    >>> ids.tolist(), labels.tolist(), lengths
-    ([[5, 6], [7, 0]], [[-100, 6], [7, -100]], [2, 1])
-    """
-    lengths = [len(feature["input_ids"]) for feature in features]
-    input_ids = torch.full((len(features), max(lengths)), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(features), max(lengths)), IGNORE_INDEX, dtype=torch.long)
-    for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-        input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
-        labels[row, :length] = torch.as_tensor(feature["labels"])
-    return input_ids, labels, lengths
-
-
-@dataclass
-class PackedRowsCollator:
-    """Packed rows kept as rows, padded to the longest: one block-diagonal mask per row (sdpa, eager).
-
-    transformers derives each row's block-diagonal causal mask from its restarting position ids,
-    so mask memory is rows x L², not (rows x L)² as for a flattened batch. Padding positions get
-    labels -100 and position ids of their own (0, 1, ...), so they form one more block that no
-    real token attends to; their count goes in :data:`~llmtrain.metrics.PADDED_POSITIONS` (there
-    is no 2-D attention mask: one would switch off the packed-sequence mask).
-
-    >>> rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
-    ...         {"input_ids": [8, 9], "labels": [-100, 9], "position_ids": [0, 1]}]
-    >>> batch = PackedRowsCollator(pad_token_id=0)(rows)
-    >>> batch["input_ids"].tolist(), batch["position_ids"].tolist(), int(batch[PADDED_POSITIONS])
-    ([[5, 6, 7], [8, 9, 0]], [[0, 1, 0], [0, 1, 0]], 1)
-    """
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids, labels, lengths = pad_right(features, self.pad_token_id)
-        longest = input_ids.shape[1]
-        position_ids = torch.zeros_like(input_ids)
-        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-            position_ids[row, :length] = torch.as_tensor(feature["position_ids"])
-            position_ids[row, length:] = torch.arange(longest - length)
-        padded = input_ids.numel() - sum(lengths)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                PADDED_POSITIONS: torch.tensor(padded)}  # fmt: skip
-
-
-def packed_collator(attn_implementation: str, pad_token_id: int) -> Any:
-    """The collator for packed rows under ``attn_implementation`` (resolved, not ``auto``).
-
-    >>> packed_collator("flash_attention_2", 0) is collate_packed, type(packed_collator("sdpa", 0)).__name__
-    (True, 'PackedRowsCollator')
-    """
-    return collate_packed if attn_implementation.startswith("flash") else PackedRowsCollator(pad_token_id)
-
-
-@dataclass
-class PaddingCollator:
-    """Dynamic padding to the longest conversation in the batch (right side, labels -100)."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids, labels, lengths = pad_right(features, self.pad_token_id)
-        attention_mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
 def preview(input_ids: Sequence[int], labels: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> str:
     """Decode a sample with its supervised runs wrapped in ``[[ ]]``.
 
@@ -434,12 +350,20 @@ def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, end_of_turn: str) -
     return int(ids[0])
 
 
-def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Load the encoded SFT dataset for this run, building (and checking) it first if needed."""
+def prepare_sft_data(
+    data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase, layout: SequenceLayout | None = None
+) -> PreparedData:
+    """Load the encoded SFT dataset for this run, building (and checking) it first if needed.
+
+    ``layout`` (:func:`llmtrain.data.collate.choose_layout`) says whether the rows are packed, and is
+    recorded in the metadata (so in the run manifest); without it ``data_args.packing`` decides. A
+    model whose mixers cannot be packed here trains a packing run on per-conversation rows.
+    """
     end_of_turn_id = check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)
+    packed = data_args.packing if layout is None else layout.packed
     compat = {
         "max_seq_length": data_args.max_seq_length,
-        "packing": data_args.packing,
+        "packing": packed,
         "train_on_last_turn_only": data_args.train_on_last_turn_only,
         "truncation_strategy": data_args.truncation_strategy,
         "default_system_prompt": data_args.default_system_prompt,
@@ -453,11 +377,13 @@ def prepare_sft_data(data_args: SFTDataArguments, tokenizer: PreTrainedTokenizer
     location = locate_prepared_data(data_args, compat, "sft", {})
 
     def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
-        splits, stats = _build(data_args, tokenizer, raw.train_files, raw.validation_files, end_of_turn_id)
+        splits, stats = _build(data_args, tokenizer, raw.train_files, raw.validation_files, end_of_turn_id, packed)
         splits.save_to_disk(str(staging))
         return stats
 
     prepared = load_or_build(location, compat, build, load_arrow_splits, "tokenized_path")
+    if layout is not None:
+        prepared.metadata[SEQUENCE_LAYOUT_KEY] = {"name": layout.name, "reason": layout.reason}
     stats = prepared.metadata["stats"]
     logger.info(
         "SFT data: %d train rows, %d eval rows; %d conversations kept (%d trained in extra rows: %d tokens), "
@@ -485,6 +411,7 @@ def _build(
     train_files: list[Path],
     validation_files: list[Path],
     end_of_turn_id: int,
+    packed: bool,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     skipped: list[InvalidRecord] | None = [] if data_args.invalid_records == "skip" else None
     conversations = read_conversation_files(train_files, data_args.default_system_prompt, skipped)
@@ -536,7 +463,7 @@ def _build(
     train = encoded_splits["train"]
     stats.update(check_masks(train, end_of_turn_id))
     stats["preview"] = preview(train[0]["input_ids"], train[0]["labels"], tokenizer)
-    if data_args.packing:
+    if packed:
         for name, split in encoded_splits.items():
             encoded_splits[name] = split.shuffle(seed=VALIDATION_SPLIT_SEED).map(
                 pack_batch,
@@ -658,15 +585,6 @@ def check_masks(encoded: datasets.Dataset, end_of_turn_id: int) -> dict[str, Any
         "supervised_tokens": int(supervised.sum()),
         "supervised_share": float(supervised.mean()),
     }
-
-
-def check_collated_batch(batch: dict[str, torch.Tensor]) -> None:
-    """Refuse a collated batch in which padding, or a sample's first token, carries a label."""
-    labels = batch["labels"]
-    if "attention_mask" in batch and (labels[batch["attention_mask"] == 0] != IGNORE_INDEX).any():
-        raise DataError("a padding position carries a label; refusing to train")
-    if "position_ids" in batch and (labels[batch["position_ids"] == 0] != IGNORE_INDEX).any():
-        raise DataError("a packed sample's first token carries a label (it would be predicted across samples)")
 
 
 def sft_code_version() -> str:

@@ -14,8 +14,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.cache import PreparedData
+from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY
 from llmtrain.data.files import data_changes
 from llmtrain.errors import ConfigError, TrainingPreempted
+from llmtrain.multimodal import MultimodalBase
 from llmtrain.run.checkpoints import convert_to_universal, reporting_full_disk, saved_world_size
 from llmtrain.run.manifest import read_manifest, run_manifest, write_manifest
 from llmtrain.run.output_dir import FINAL_STAGING_DIR, LOSS_CURVE_FILE, SUMMARY_FILE, RunStart, open_output_dir
@@ -34,11 +36,14 @@ def train_in_output_dir(
     data: PreparedData,
     data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
     sequence_length: int,
+    published: MultimodalBase | None = None,
 ) -> dict[str, Any]:
     """The tail both stages share: open ``output_dir``, record the manifest, build the Trainer, train and save.
 
     Called once the data and the model are built, so a bad input never leaves a half-initialised
-    output dir behind. Returns the summary written to ``train_summary.json``.
+    output dir behind. With ``published`` (the multimodal checkpoint ``model`` is the text model
+    of) the final model is saved in that checkpoint's layout. Returns the summary written to
+    ``train_summary.json``.
     """
     if start.resume_from is not None:
         check_data_unchanged(start.resume_from, data, args)
@@ -46,7 +51,7 @@ def train_in_output_dir(
     try:
         manifest = run_manifest(run_config, data.path, data.metadata, start.run_id)
         trainer = build_trainer(model, tokenizer, args, data.train, data.eval, data_collator, manifest, sequence_length)
-        return train_and_save(trainer, start, manifest)
+        return train_and_save(trainer, start, manifest, published)
     finally:
         lock.release()
 
@@ -59,10 +64,17 @@ def check_data_unchanged(checkpoint: Path, data: PreparedData, args: TrainArgume
     computed for other samples, without a word. With ``allow_data_change`` the changes are logged
     and the data order starts a fresh pass over the new data (the Trainer skips no batches).
     """
-    saved = read_manifest(checkpoint).get("data", {}).get("sources")
+    saved_data = read_manifest(checkpoint).get("data", {})
+    saved = saved_data.get("sources")
     if not saved:
         return  # a checkpoint from before data identities were recorded
     changes = data_changes(saved, data.metadata.get("sources", {}))
+    saved_layout = (saved_data.get(SEQUENCE_LAYOUT_KEY) or {}).get("name")
+    layout = (data.metadata.get(SEQUENCE_LAYOUT_KEY) or {}).get("name")
+    if saved_layout != layout and saved_layout is not None:
+        # Packed rows and per-conversation rows are other samples: the saved data order would continue
+        # over a different set (llmtrain.data.collate: the layout depends on the machine's kernels).
+        changes.append(f"the rows were laid out {saved_layout}, now {layout} (see the log's sequence layout line)")
     if not changes:
         return
     listed = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
@@ -107,10 +119,14 @@ def _adapt_to_world_size(trainer: LlmTrainer, checkpoint: Path) -> None:
     plugin.hf_ds_config.config.setdefault("checkpoint", {})["load_universal"] = True
 
 
-def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any]) -> dict[str, Any]:
+def train_and_save(
+    trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any], published: MultimodalBase | None = None
+) -> dict[str, Any]:
     """Train (resuming if ``start`` says so), save the final model, summary and loss curve.
 
-    Returns the summary written to ``train_summary.json``.
+    The final model gets ``published``'s layout where given (:meth:`MultimodalBase.publish`); the
+    checkpoints keep the text model's, which resume loads. Returns the summary written to
+    ``train_summary.json``.
     """
     args = trainer.args
     if start.resume_from is not None:
@@ -133,6 +149,8 @@ def train_and_save(trainer: LlmTrainer, start: RunStart, manifest: dict[str, Any
         shutil.rmtree(staging)
     with reporting_full_disk(staging):
         trainer.save_model(str(staging))
+        if args.should_save and published is not None:
+            published.publish(staging, trainer.model)
     if args.should_save:
         write_manifest(staging, manifest, trainer.state.global_step)
     trainer.faults.maybe_kill("kill_during_final_save", trainer.state.global_step)

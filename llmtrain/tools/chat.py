@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BatchEncoding, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, BatchEncoding, PreTrainedTokenizerBase
 
 from llmtrain.cli import run_cli
 from llmtrain.config.template_kwargs import parse_template_kwargs
 from llmtrain.errors import ConfigError, UserInputError
 from llmtrain.modeling import check_safetensors_weights, load_tokenizer
+from llmtrain.multimodal import MultimodalBase, text_training_config
 from llmtrain.run.manifest import read_manifest
 from llmtrain.tiny_default import IM_END
 
@@ -82,15 +83,28 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto") -> Any:
-    """Load a causal LM from safetensors only (no checkpoint code is run), in eval mode."""
+    """Load a causal LM from safetensors only (no checkpoint code is run), in eval mode.
+
+    A multimodal checkpoint (the published Qwen3.5 layout) loads as its text model, its output
+    layer tied as the published class ties it (:func:`llmtrain.multimodal.text_training_config`).
+    """
     check_safetensors_weights(path)
     try:
+        config = text_training_config(AutoConfig.from_pretrained(str(path), trust_remote_code=False))
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+            str(path), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
         )
     except (OSError, ValueError) as error:
         raise UserInputError(f"cannot load a model from {path}: {error}") from error
     return model.eval()
+
+
+def multimodal_base(path: str | Path) -> MultimodalBase | None:
+    """The published multimodal checkpoint at ``path`` whose text model :func:`load_model` loads, else None."""
+    try:
+        return MultimodalBase.find(str(path), AutoConfig.from_pretrained(str(path), trust_remote_code=False))
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"cannot load a model config from {path}: {error}") from error
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -107,11 +121,16 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return config
 
 
-def apply_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Wrap ``model`` with the adapter saved in ``adapter_dir`` (inference mode, eval)."""
+def apply_adapter(model: Any, adapter_dir: Path, base: MultimodalBase | None = None) -> Any:
+    """Wrap ``model`` with the adapter saved in ``adapter_dir`` (inference mode, eval).
+
+    With ``base`` (the published multimodal checkpoint ``model`` is the text model of), the
+    adapter's published module names are mapped onto the text model.
+    """
     check_safetensors_weights(adapter_dir)
+    key_mapping = base.adapter_key_mapping(model) if base is not None else None
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, key_mapping=key_mapping).eval()
     except (OSError, ValueError, RuntimeError) as error:
         raise UserInputError(f"cannot apply the adapter {adapter_dir}: {error}") from error
 
@@ -144,7 +163,7 @@ def load_chat_model(
             f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
         )
     if adapter is not None:
-        model = apply_adapter(model, adapter)
+        model = apply_adapter(model, adapter, multimodal_base(model_dir))
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model, tokenizer

@@ -38,6 +38,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from llmtrain.cli import run_cli
 from llmtrain.errors import ConfigError, UserInputError
 from llmtrain.modeling import load_tokenizer
+from llmtrain.multimodal import MultimodalBase
 from llmtrain.paths import apply_umask
 from llmtrain.run.manifest import MANIFEST_FILE
 from llmtrain.tiny_default import IM_END
@@ -46,6 +47,7 @@ from llmtrain.tools.chat import (
     encode_chat,
     has_tokenizer,
     load_model,
+    multimodal_base,
     read_adapter_config,
     stop_token_ids,
 )
@@ -128,16 +130,23 @@ def save_dtype(base: str, dtype: str) -> torch.dtype:
 
 
 def save_atomically(
-    model: Any, tokenizer: PreTrainedTokenizerBase, output_dir: Path, extra_files: tuple[Path, ...] = ()
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    extra_files: tuple[Path, ...] = (),
+    published: MultimodalBase | None = None,
 ) -> None:
     """Save into a temporary sibling dir (with copies of ``extra_files``), then rename it to ``output_dir``.
 
-    An empty ``output_dir`` is replaced.
+    An empty ``output_dir`` is replaced. With ``published`` (the multimodal checkpoint ``model`` is
+    the text model of) the save gets that checkpoint's layout (:meth:`MultimodalBase.publish`).
     """
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.merging-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
+        if published is not None:
+            published.publish(staging, model)
         tokenizer.save_pretrained(staging)
         for path in extra_files:
             shutil.copy2(path, staging / path.name)
@@ -184,7 +193,8 @@ def merge_adapter(
         logger.warning("the tokenizer has no chat template; the merged model will have none either")
 
     logger.info("merging adapter %s into base %s (checked in float32)", adapter_dir, base)
-    model = apply_adapter(load_model(base, dtype=torch.float32), adapter_dir)
+    published = multimodal_base(base)
+    model = apply_adapter(load_model(base, dtype=torch.float32), adapter_dir, published)
     probes = probe_inputs(tokenizer)
     with model.disable_adapter():
         base_logits = probe_logits(model, probes)
@@ -206,7 +216,9 @@ def merge_adapter(
     if tokenizer.chat_template and IM_END in tokenizer.get_vocab():
         merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
     manifest = adapter_dir / MANIFEST_FILE
-    save_atomically(merged.to(target_dtype), tokenizer, output_dir, (manifest,) if manifest.is_file() else ())
+    save_atomically(
+        merged.to(target_dtype), tokenizer, output_dir, (manifest,) if manifest.is_file() else (), published
+    )
     logger.info("saved the merged model (%s) to %s", str(target_dtype).removeprefix("torch."), output_dir)
     return difference
 

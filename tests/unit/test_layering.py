@@ -28,7 +28,7 @@ LAYERS = {
     "errors": 0, "paths": 0,
     "config": 1, "stages": 1, "cli": 1,
     "data": 2, "modeling": 2, "finetuning": 2, "loss": 2, "metrics": 2,
-    "tiny_default": 2, "demo_conversations": 2, "stdlib_docs": 2,
+    "tiny_default": 2, "demo_conversations": 2, "stdlib_docs": 2, "mixers": 2, "multimodal": 2,
     "run": 3,
     "tools": 4,
 }  # fmt: skip

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from llmtrain.data.sft import collate_packed
+from llmtrain.data.collate import FlatPackedCollator
 from llmtrain.loss import chunked_causal_lm_loss, enable_memory_efficient_loss, resolve_loss_backend
 from llmtrain.metrics import (
     ThroughputCallback,
@@ -290,7 +290,7 @@ def test_token_counter_on_a_packed_batch() -> None:
 
 
 def test_token_counter_on_packed_rows_counts_their_padding() -> None:
-    from llmtrain.data.sft import PackedRowsCollator
+    from llmtrain.data.collate import PackedRowsCollator
     from llmtrain.metrics import PADDED_POSITIONS
 
     from ..conftest import PACKED_ROWS
@@ -334,7 +334,9 @@ def test_throughput_callback_adds_its_keys_to_every_training_log(tmp_path: Path)
         disable_tqdm=True,
     )
     callback = ThroughputCallback(counter, model.config, seq_len=11, peak_flops=1e12)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate_packed, callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=FlatPackedCollator(), callbacks=[callback]
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2

@@ -67,7 +67,9 @@ def test_auto_attention_takes_flash_attention_only_where_it_can_run_and_packing_
 ) -> None:
     import importlib.util
 
-    from llmtrain.data.sft import PackedRowsCollator, collate_packed, packed_collator
+    from transformers import Qwen2Config
+
+    from llmtrain.data.collate import FlatPackedCollator, PackedRowsCollator, choose_layout, collator_for
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -77,8 +79,9 @@ def test_auto_attention_takes_flash_attention_only_where_it_can_run_and_packing_
     )  # fmt: skip
     assert resolve_attn_implementation("auto") == expected
     # flash-attention's varlen path takes one flattened sequence; sdpa and eager keep the rows (a mask per row)
-    collator = packed_collator(expected, pad_token_id=0)
-    assert collator is collate_packed if expected == "flash_attention_2" else isinstance(collator, PackedRowsCollator)
+    collator = collator_for(choose_layout(True, expected, Qwen2Config()), pad_token_id=0)
+    flat = isinstance(collator, FlatPackedCollator) and not collator.boundaries
+    assert flat if expected == "flash_attention_2" else isinstance(collator, PackedRowsCollator)
 
 
 def test_pickle_weights_are_never_loaded(tmp_path: Path) -> None:

@@ -14,13 +14,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.data.collate import FlatPackedCollator, PackedRowsCollator, PaddingCollator, check_collated_batch
 from llmtrain.data.conversations import detect_format, normalise_record
 from llmtrain.data.sft import (
     IGNORE_INDEX,
-    PackedRowsCollator,
-    PaddingCollator,
-    check_collated_batch,
-    collate_packed,
     encode_conversation,
     fit_conversation,
     pack_batch,
@@ -194,7 +191,7 @@ def test_packing_restarts_position_ids_and_collators_keep_padding_unlabelled(tin
     packed = pack_batch({k: [e[k] for e in encoded] for k in ("input_ids", "labels")}, max_length=sum(lengths))
     assert len(packed["input_ids"]) == 1
     assert packed["position_ids"][0] == list(range(lengths[0])) + list(range(lengths[1]))
-    flat = collate_packed([{k: v[0] for k, v in packed.items()}])
+    flat = FlatPackedCollator()([{k: v[0] for k, v in packed.items()}])
     assert flat["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in flat
     check_collated_batch(flat)
 
@@ -223,7 +220,7 @@ def test_packed_loss_equals_per_sample_loss(tiny_tokenizer) -> None:
             total_loss += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
             total_tokens += int((targets != IGNORE_INDEX).sum())
         packed = pack_batch({k: [s[k] for s in samples] for k in ("input_ids", "labels")}, max_length=10_000)
-        batch = collate_packed([{k: v[0] for k, v in packed.items()}])
+        batch = FlatPackedCollator()([{k: v[0] for k, v in packed.items()}])
         packed_loss = model(**batch).loss
     assert float(packed_loss) == pytest.approx(float(total_loss) / total_tokens, abs=1e-5)
     # and the check can fail: without position ids the samples see each other
@@ -255,7 +252,9 @@ def test_packed_loss_equals_per_sample_loss_on_every_attention_path(
             targets = torch.tensor(sample["labels"][1:])
             total_loss += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
             total_tokens += int((targets != IGNORE_INDEX).sum())
-        batch = PackedRowsCollator(tiny_tokenizer.pad_token_id)(rows) if layout == "rows" else collate_packed(rows)
+        batch = (
+            PackedRowsCollator(tiny_tokenizer.pad_token_id)(rows) if layout == "rows" else FlatPackedCollator()(rows)
+        )
         check_collated_batch(batch)
         counter = TokenCounter()
         counter.observe(batch)

@@ -15,11 +15,18 @@ from llmtrain.config.arguments import (
 )
 from llmtrain.config.parser import parse_args
 from llmtrain.modeling import load_model_config
+from llmtrain.multimodal import text_training_config
 from llmtrain.run.lock import LOCK_FILE, check_not_held
 from llmtrain.stages import SFT, Stage, find_stage
 from llmtrain.tools.doctor.data import check_data
 from llmtrain.tools.doctor.environment import check_gpus, check_libraries
-from llmtrain.tools.doctor.model import check_length, check_tokenizer, count_parameters, resolve_model_sources
+from llmtrain.tools.doctor.model import (
+    check_length,
+    check_token_mixers,
+    check_tokenizer,
+    count_parameters,
+    resolve_model_sources,
+)
 from llmtrain.tools.doctor.report import OK, WARNING, Finding, Report
 from llmtrain.tools.doctor.resources import bytes_per_weight, check_disk, check_writable, estimate_disk, tokenizer_bytes
 
@@ -56,8 +63,11 @@ def _check_run(report: Report, stage: Stage, fast: bool, parsed: tuple[Any, ...]
     model_config = None
     counts = None
     if loadable is not None:
-        model_config = report.attempt("model", lambda: load_model_config(loadable))
+        model_config = report.attempt("model", lambda: text_training_config(load_model_config(loadable)))
     if model_config is not None:
+        packing = data_args.packing if isinstance(data_args, SFTDataArguments) else None
+        mixers = (model_config, model_args.attn_implementation, packing, training_args.use_cpu)
+        report.attempt("token mixers", lambda: check_token_mixers(report, *mixers))
         counts = report.attempt("model", lambda: count_parameters(model_config, model_args, method_args))
         if counts is not None:
             method = f", {method_args.finetuning_type}" if method_args is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import FinetuneArguments, ModelArguments, PretrainDataArguments, SFTDataArguments
+from llmtrain.data.collate import choose_layout
 from llmtrain.data.sft import check_chat_tokenizer
 from llmtrain.errors import DataError
 from llmtrain.finetuning import apply_finetuning_method
-from llmtrain.modeling import check_sequence_length, load_tokenizer_for
+from llmtrain.mixers import VARLEN_KERNELS, describe_recurrent_layers, layer_types, recurrent_layer_counts
+from llmtrain.modeling import check_sequence_length, load_tokenizer_for, resolve_attn_implementation
 from llmtrain.stages import SFT, Stage
 from llmtrain.tools.doctor.report import OK, WARNING, PreflightError, Report
 
@@ -178,3 +181,33 @@ def check_tokenizer(
         )
     report.add(OK, "tokenizer", f"{model_args.tokenizer_name_or_path}: {'; '.join(details)}")
     return tokenizer
+
+
+def check_token_mixers(
+    report: Report, model_config: PretrainedConfig, attn_implementation: str, packing: bool | None, use_cpu: bool
+) -> None:
+    """For a model with recurrent mixers (Qwen3.5's linear attention): the kernels on a GPU, and SFT's layout.
+
+    Without flash-linear-attention and causal-conv1d, transformers runs Gated DeltaNet on its
+    reference PyTorch path (fp32, about 2x slower on a GPU), and packed SFT rows cannot be kept apart
+    (:func:`llmtrain.data.collate.choose_layout`). ``packing`` is None for pretraining.
+    """
+    counts = recurrent_layer_counts(model_config)
+    if not counts:
+        return
+    layers = describe_recurrent_layers(counts, len(layer_types(model_config)))
+    on_gpu = torch.cuda.is_available() and not use_cpu
+    missing = [package for package, module in VARLEN_KERNELS.items() if importlib.util.find_spec(module) is None]
+    if on_gpu and missing:
+        report.add(
+            WARNING,
+            "token mixers",
+            f"{layers}, and {', '.join(missing)} is not installed: transformers runs them on its reference PyTorch "
+            "path (fp32, about 2x slower); pip install -r requirements-gpu.txt",
+        )
+    else:
+        report.add(OK, "token mixers", f"{layers}" + ("" if on_gpu else " (CPU: reference PyTorch path)"))
+    if packing is not None:
+        layout = choose_layout(packing, resolve_attn_implementation(attn_implementation), model_config)
+        level = WARNING if layout.fallback and on_gpu else OK
+        report.add(level, "token mixers", f"SFT layout {layout.name}: {layout.reason}")
