@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from bench.common import REPO_ROOT, Result, median, print_result, set_threads
 from bench.sft_throughput import BELLE_MEDIAN, SEQ_LEN, synthesise, tiny_model
 from llmtrain.data.collate import FlatPackedCollator, PackedRowsCollator, PaddingCollator
-from llmtrain.data.sft import pack_batch, pack_rows
+from llmtrain.data.fitting import pack_batch, pack_rows
 from llmtrain.loss import enable_memory_efficient_loss
 from llmtrain.metrics import PADDED_POSITIONS
 from llmtrain.paths import TINY_MODEL_DIR

@@ -5,7 +5,7 @@
 Both sides train the same tiny model (the shipped tiny config, positions raised to 2048, vocabulary
 ``len(tokenizer)``) on the same conversations, one 2048-position micro-batch per optimizer step:
 
-* **ours**: conversations encoded by ``llmtrain.data.sft.encode_conversation`` (labels -100 off the
+* **ours**: conversations encoded by ``llmtrain.data.chat_masks.encode_conversation`` (labels -100 off the
   assistant turns), packed by ``pack_batch`` into rows of <= 2048 tokens, one row per micro-batch
   collated by ``PackedRowsCollator`` (the sdpa layout: position ids restart per conversation, so
   transformers builds a block-diagonal causal mask; one row has no padding at all), chunked loss;
@@ -47,10 +47,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 
 from bench.common import Result, median, print_result, set_threads, timed
 from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.data.chat_masks import encode_conversation
 from llmtrain.data.collate import PackedRowsCollator
 from llmtrain.data.conversations import read_conversation_files
-from llmtrain.data.sft import IGNORE_INDEX, encode_conversation, fit_conversation, pack_batch
-from llmtrain.loss import enable_memory_efficient_loss
+from llmtrain.data.fitting import fit_conversation, pack_batch
+from llmtrain.loss import IGNORE_INDEX, enable_memory_efficient_loss
 from llmtrain.metrics import PADDED_POSITIONS
 from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
 from llmtrain.tiny_default import IM_END

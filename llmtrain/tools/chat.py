@@ -188,7 +188,7 @@ def encode_chat(
 ) -> BatchEncoding:
     """``input_ids`` and ``attention_mask`` (``[1, T]`` tensors) of ``messages`` rendered by the chat template.
 
-    ``template_kwargs`` reach the template as in training (:func:`llmtrain.data.sft.render`).
+    ``template_kwargs`` reach the template as in training (:func:`llmtrain.data.chat_masks.render`).
     """
     encoded = tokenizer.apply_chat_template(
         messages,

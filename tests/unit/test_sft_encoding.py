@@ -14,15 +14,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.data.chat_masks import encode_conversation
 from llmtrain.data.collate import FlatPackedCollator, PackedRowsCollator, PaddingCollator, check_collated_batch
 from llmtrain.data.conversations import detect_format, normalise_record
-from llmtrain.data.sft import (
-    IGNORE_INDEX,
-    encode_conversation,
-    fit_conversation,
-    pack_batch,
-)
+from llmtrain.data.fitting import fit_conversation, pack_batch
 from llmtrain.errors import DataError
+from llmtrain.loss import IGNORE_INDEX
 from llmtrain.metrics import PADDED_POSITIONS, TokenCounter
 from llmtrain.paths import TINY_MODEL_DIR
 

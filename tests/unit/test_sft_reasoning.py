@@ -21,14 +21,10 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.data.chat_masks import encode_conversation, render, supervised_char_spans
 from llmtrain.data.conversations import read_conversation_files, read_conversations, template_messages
-from llmtrain.data.sft import (
-    encode_conversation,
-    fit_conversation,
-    prepare_sft_data,
-    render,
-    supervised_char_spans,
-)
+from llmtrain.data.fitting import fit_conversation
+from llmtrain.data.sft import prepare_sft_data
 from llmtrain.errors import ConfigError, DataError, InvalidRecord
 from llmtrain.loss import IGNORE_INDEX
 from llmtrain.paths import TINY_MODEL_DIR, TINY_THINK_TEMPLATE

@@ -17,7 +17,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
-from llmtrain.data.sft import encode_conversation, fit_conversation, render, supervised_char_spans
+from llmtrain.data.chat_masks import encode_conversation, render, supervised_char_spans
+from llmtrain.data.fitting import fit_conversation
 from llmtrain.errors import ConfigError
 from llmtrain.loss import IGNORE_INDEX
 from llmtrain.paths import TINY_MODEL_DIR, TINY_THINK_TEMPLATE

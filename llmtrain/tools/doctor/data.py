@@ -9,12 +9,13 @@ from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import PretrainDataArguments, SFTDataArguments
 from llmtrain.data.cache import META_FILE
+from llmtrain.data.chat_masks import encode_conversation
 from llmtrain.data.conversations import SUFFIXES as CONVERSATION_SUFFIXES
 from llmtrain.data.conversations import Message, detect_format, normalise_record
 from llmtrain.data.documents import data_suffix, iter_documents, record_text
 from llmtrain.data.files import resolve_data_files
+from llmtrain.data.fitting import drop_trailing_user_turns
 from llmtrain.data.records import first_json_record, is_json_array
-from llmtrain.data.sft import drop_trailing_user_turns, encode_conversation
 from llmtrain.errors import DataError, InvalidRecord, UserInputError
 from llmtrain.loss import IGNORE_INDEX
 from llmtrain.stages import SFT, Stage

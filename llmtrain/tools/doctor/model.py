@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import FinetuneArguments, ModelArguments, PretrainDataArguments, SFTDataArguments
+from llmtrain.data.chat_masks import check_chat_tokenizer
 from llmtrain.data.collate import choose_layout
-from llmtrain.data.sft import check_chat_tokenizer
 from llmtrain.errors import DataError
 from llmtrain.finetuning import apply_finetuning_method
 from llmtrain.mixers import VARLEN_KERNELS, describe_recurrent_layers, layer_types, recurrent_layer_counts
