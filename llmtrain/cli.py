@@ -1,7 +1,7 @@
 """The command-line wrapper of every entry point and tool: console logging, exit codes, secret flags.
 
-Light on purpose (logging, :mod:`llmtrain.errors` and :mod:`llmtrain.config.secrets` only):
-``python -m llmtrain.tools.chat`` imports this, not the training stack.
+Light on purpose (logging, :mod:`llmtrain.errors`, :mod:`llmtrain.config.secrets` and
+:mod:`llmtrain.supervision` only): ``python -m llmtrain.tools.chat`` imports this, not the training stack.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from llmtrain.errors import (
     TrainingPreempted,
     UserInputError,
 )
+from llmtrain.supervision import attach_rank, report_exit
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +46,31 @@ def run_cli(main: Callable[[list[str]], None]) -> int:
     a non-finite loss under ``nonfinite_policy: stop`` exit 3.
 
     ``main`` gets a copy of the arguments; the process's own command line (``sys.argv`` and what
-    ``ps`` and SwanLab read) shows secret flag values as ``***`` from here on.
+    ``ps`` and SwanLab read) shows secret flag values as ``***`` from here on. A rank of a launch
+    first waits for its launcher's preflight and comes under its control, and records its exit code
+    for it (:mod:`llmtrain.supervision`), an uncaught exception as 1.
     """
     setup_logging()
     argv = sys.argv[1:]
     redact_command_line()
-    code = _run(main, argv)
+    try:
+        code = _run(main, argv)
+    except SystemExit as ended:
+        report_exit(ended.code if isinstance(ended.code, int) else 1)
+        raise
+    except BaseException:
+        report_exit(1)
+        raise
+    report_exit(code)
     if code != 0 and "WORLD_SIZE" in os.environ:
-        # One rank of a launch: the launchers read this line when DeepSpeed's or torchrun's own code hides ours.
+        # For whoever reads a rank's log (the launcher itself reads the recorded code).
         logger.warning("rank %s exits with return code = %d", os.environ.get("RANK", "?"), code)
     return code
 
 
 def _run(main: Callable[[list[str]], None], argv: list[str]) -> int:
     try:
+        attach_rank()
         main(argv)
     except UserInputError as error:
         logger.error("%s", error)

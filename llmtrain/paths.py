@@ -1,7 +1,7 @@
 """Where the project's own files live (the checkout, the shipped configs, the embedded tiny default),
 and whether files can be written at a path.
 
-A leaf module (standard library only), so the launcher's helpers, the argument dataclasses and the
+A leaf module (standard library only), so the launcher, the argument dataclasses and the
 tools can name these paths without importing what builds them.
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a checkout: configs/, scripts/ and requirements.txt
 CONFIGS_DIR = PROJECT_ROOT / "configs"
 REQUIREMENTS_FILE = PROJECT_ROOT / "requirements.txt"
-TOPOLOGY_SCRIPT = PROJECT_ROOT / "scripts" / "topology.sh"  # the launcher's GPU / rank rule, run by the doctor
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny"  # the tiny tokenizer and Qwen2 config (python -m llmtrain.tiny_default)
 # A Qwen3-style chat template for the tiny tokenizer: history renders without think blocks (not prefix-stable).

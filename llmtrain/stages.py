@@ -1,7 +1,7 @@
 """The two training stages, defined once: entry file, launcher, argument dataclasses, default config, length field.
 
 Read by the entry files (``pretrain.py``, ``finetune.py``), the preflight (``llmtrain.tools.doctor``),
-``llmtrain.tools.verify_resume`` and the launchers' ``scripts/output_dir.py``. Importing this module
+``llmtrain.tools.verify_resume`` and the launcher (``llmtrain.launch``). Importing this module
 costs nothing (pathlib only): :meth:`Stage.dataclass_types` imports the argument dataclasses, and with
 them transformers, only when called, so the launcher can look up a stage's default config fast.
 
@@ -25,7 +25,7 @@ class Stage:
 
     name: str  # what the doctor and verify_resume are given: "pretrain" or "sft"
     entry_file: str  # at the project root
-    launcher: str  # the bash wrapper users run, at the project root
+    launcher: str  # the bash wrapper users run, at the project root (it execs python -m llmtrain.launch)
     default_config: Path  # used when no YAML is given
     length_field: str  # the data field that sets the training sequence length
     argument_names: tuple[str, ...]  # dataclasses of llmtrain.config.arguments, in parse order

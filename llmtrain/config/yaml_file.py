@@ -1,8 +1,8 @@
 """A YAML run config read into a mapping, every problem one ``file:line`` error; light (PyYAML only).
 
 The one reader of run config files: :mod:`llmtrain.config.parser` (the entry points and the
-preflight) turns the mapping into arguments, and ``scripts/output_dir.py`` (the launchers, before
-anything starts) reads ``output_dir`` from it. Importing this module imports neither transformers
+preflight) turns the mapping into arguments, and the launcher (:mod:`llmtrain.launch.plan`, before
+anything starts) reads ``output_dir`` and ``use_cpu`` from it. Importing this module imports neither transformers
 nor torch, so the launcher's check stays fast.
 
 >>> import tempfile

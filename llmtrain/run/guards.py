@@ -5,7 +5,9 @@ was signalled" and "a rank saw a non-finite loss or gradient norm during this st
 
 * SIGTERM or SIGINT: all ranks finish the step, save a complete checkpoint and stop; the run
   ends with :data:`~llmtrain.errors.PREEMPTED_EXIT_CODE` and rerunning the same command resumes from there. A
-  second SIGINT (Ctrl-C twice) stops at once.
+  second SIGINT (Ctrl-C twice) stops at once. The launcher's stop request (a signal it received, or a
+  lost node) reaches each rank as a SIGTERM from its own watcher (:mod:`llmtrain.supervision`), so it
+  takes this same path on every host.
 * A NaN/inf loss: its gradients make the step's gradient norm non-finite and that optimizer
   update is skipped (see :class:`llmtrain.run.trainer.LlmTrainer`). With ``nonfinite_policy: stop`` all ranks then raise
   :class:`TrainingDiverged` naming the step (exit :data:`~llmtrain.errors.DIVERGED_EXIT_CODE`; nothing is saved,
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmtrain.errors import TrainingDiverged
+from llmtrain.supervision import training_ended, training_started
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class StepGuardCallback(TrainerCallback):
     ) -> None:
         for signum in HANDLED_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        training_started()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.step_losses:
@@ -100,3 +104,4 @@ class StepGuardCallback(TrainerCallback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        training_ended()

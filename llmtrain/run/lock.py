@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import ConfigError
+from llmtrain.supervision import pid_alive, this_host
 
 logger = logging.getLogger(__name__)
 
@@ -91,32 +91,6 @@ class LockHolder:
             return "an unknown process (the lock file is unreadable)"
         run = f", run id {self.run_id}" if self.run_id else ""
         return f"host {self.host}, pid {self.pid}, started {self.started}{run}"
-
-
-def this_host() -> tuple[str, str]:
-    """``(hostname, pid namespace)``: where a pid names a process (containers on one host have their own)."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
-    return socket.gethostname(), namespace
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process on this host (a zombie, exited but not reaped, is not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def read_holder(path: Path) -> LockHolder | None:

@@ -1,17 +1,23 @@
 """Interruptions the way schedulers and people send them, through the launcher, never to the ranks alone.
 
 ``scancel``, ``timeout``, a Kubernetes eviction and Ctrl-C in a terminal signal the launcher's whole
-process group; ``kill PID`` signals its bash alone. Either way every rank must finish its step, save
+process group; ``kill PID`` signals the launcher alone. Either way every rank must finish its step, save
 a complete checkpoint at that step and stop; the launcher exits 75 with its console log intact to
 the end and no rank left running; rerunning the same command finishes bit-identical (per-step
 losses and every weight) to a run that was never interrupted (checked after SIGTERM to the group,
 for pretraining and SFT: how the stop was requested does not change how its checkpoint resumes).
 A second Ctrl-C aborts at once and leaves nothing a resume would trust.
+
+The same holds across hosts: under ``HOSTFILE`` (DeepSpeed's pdsh runner over real ssh, to two loopback
+hosts) the ranks are children of sshd, not of the launcher, and the stop reaches them through the
+launcher's control file. A launcher SIGKILLed alone leaves no rank behind (they save and stop), and
+rerunning resumes. The reruns here compare with the same uninterrupted reference run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -33,6 +39,7 @@ from ..conftest import (
     qa_conversations,
     save_random_tiny_model,
     wait,
+    wait_for_checkpoint,
     write_jsonl,
 )
 
@@ -142,7 +149,7 @@ def test_a_signal_through_the_launcher_saves_stops_with_75_and_resumes_bit_ident
     if target == "group":
         os.killpg(process.pid, sent)  # what scancel, timeout, a k8s eviction and Ctrl-C do
     else:
-        os.kill(process.pid, sent)  # kill PID of the launcher's bash
+        os.kill(process.pid, sent)  # kill PID of the launcher alone
     assert process.wait(timeout=300) == PREEMPTED_EXIT_CODE, console.read_text()[-4000:]
 
     # A complete checkpoint at the interrupted step: the last step every rank trained.
@@ -204,3 +211,72 @@ def test_ranks_that_outlast_the_grace_period_are_killed(tmp_path: Path) -> None:
     assert text.rstrip().splitlines()[-1].startswith("launch: stopped on SIGTERM; the ranks ended with exit")
     assert training_processes(output_dir) == []
     assert complete_steps(output_dir) == [SAVE_STEPS]  # nothing newer was trusted
+
+
+def test_sigterm_to_the_launchers_group_stops_the_ranks_on_two_ssh_hosts_and_the_rerun_is_bit_identical(
+    references: dict[str, Path], loopback_ssh: Path
+) -> None:
+    reference = references["pretrain"]
+    output_dir = reference.parent / "two-hosts"
+    hostfile = reference.parent / "hostfile"
+    hostfile.write_text("127.0.0.2 slots=1\n127.0.0.3 slots=1\n")
+    env = {
+        "HOSTFILE": str(hostfile), "NPROC": "1", "MASTER_ADDR": "127.0.0.2",
+        "PATH": f"{loopback_ssh / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        # The threads each of the reference's 2 local CPU ranks had: the same sums, bit for bit.
+        "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2)),
+        "XDG_CACHE_HOME": str(reference.parent / "xdg-cache"),
+    }  # fmt: skip
+    console = reference.parent / "two-hosts.log"
+    process = launch(pretrain_command(output_dir), reference.parent, console.name, MASTER_PORT=str(free_port()), **env)
+    wait_for_checkpoint(process, output_dir / f"checkpoint-{SAVE_STEPS}", console)  # the first periodic one
+    reached = trained_steps(output_dir)
+    signalled = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)  # what scancel, timeout and a Kubernetes stop send
+    assert process.wait(timeout=60) == PREEMPTED_EXIT_CODE, console.read_text()[-4000:]
+    assert time.monotonic() - signalled < 60
+
+    # Both hosts' ranks trained to the same step, at or after the one reached at the signal, and saved it.
+    ledger = read_ledger(output_dir)
+    last_step = max(ledger[0])
+    assert max(ledger[1]) == last_step and reached <= last_step < STEPS, (reached, last_step)
+    checkpoint = output_dir / f"checkpoint-{last_step}"
+    assert complete_steps(output_dir)[-1] == last_step
+    assert checkpoint_problem(checkpoint, verify_checksums=True) is None
+    names = " ".join(path.name for path in checkpoint.glob("global_step*/*optim_states.pt"))
+    shards = sorted(re.findall(r"zero_pp_rank_(\d+)_", names))
+    assert shards == ["0", "1"]  # each host's rank wrote its optimizer shard
+    last_line = console.read_text().rstrip().splitlines()[-1]
+    assert last_line.startswith("launch: stopped on SIGTERM after saving a complete checkpoint") and (
+        f"(step {last_step}) (exit 75)" in last_line
+    ), last_line
+    assert training_processes(output_dir) == [], "a rank, launch.py, pdsh or ssh outlived the launcher"
+
+    rerun_log = "two-hosts-rerun.log"
+    rerun = launch(pretrain_command(output_dir), reference.parent, rerun_log, MASTER_PORT=str(free_port()), **env)
+    output = wait(rerun, reference.parent, rerun_log, timeout=600)
+    assert f"resuming from {checkpoint}" in output
+    assert compare_runs(reference, output_dir) == []
+
+
+def test_a_launcher_killed_alone_leaves_no_rank_behind_and_the_rerun_resumes(references: dict[str, Path]) -> None:
+    reference = references["pretrain"]
+    output_dir = reference.parent / "launcher-sigkill"
+    console = output_dir.parent / f"{output_dir.name}.log"
+    process = start("pretrain", output_dir, console.name)
+    wait_for_step(process, output_dir, console, SIGNAL_AFTER_STEP)
+    os.kill(process.pid, signal.SIGKILL)  # nothing of the launcher runs after this: no handler, no cleanup
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while training_processes(output_dir):
+        assert time.monotonic() < deadline, "ranks outlived their launcher by a minute"
+        time.sleep(0.5)
+
+    # On their way out the ranks saved the step they had reached (the launcher was gone: nobody else would).
+    ledger = read_ledger(output_dir)
+    last_step = max(ledger[0])
+    assert max(ledger[1]) == last_step and complete_steps(output_dir)[-1] == last_step
+    rerun_log = f"{output_dir.name}-rerun.log"
+    output = wait(start("pretrain", output_dir, rerun_log), output_dir.parent, rerun_log, timeout=600)
+    assert f"resuming from {output_dir}/checkpoint-{last_step}" in output
+    assert compare_runs(reference, output_dir) == []

@@ -1,4 +1,5 @@
-"""Preemption and restarts through pretrain.sh: SIGTERM saves and stops; a crashed rank is restarted."""
+"""Preemption and restarts through pretrain.sh: SIGTERM saves and stops; a crashed rank is restarted; under
+NNODES a lost node is reported within NODE_TIMEOUT_S and never waited for."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from llmtrain.errors import PREEMPTED_EXIT_CODE
 
-from ..conftest import REPO_ROOT, free_port, launch, read_summary, wait, wait_for_checkpoint
+from ..conftest import REPO_ROOT, free_port, kill_every_rank, launch, read_summary, wait, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +81,42 @@ def test_two_nodes_under_torchrun_report_the_preemption_exit_code(tmp_path: Path
         log = tmp_path / f"node{rank}.log"
         assert node.wait(timeout=180) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
         assert "exitcode  : 75" in log.read_text()
+
+
+def test_a_lost_node_is_reported_within_node_timeout_and_not_waited_for(tmp_path: Path) -> None:
+    timeout_s = 10
+    output_dir = tmp_path / "out"
+    port = str(free_port())
+    nodes = [
+        launch(command(output_dir), tmp_path, f"node{rank}.log", NNODES="2", NODE_RANK=str(rank), NPROC="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_TIMEOUT_S=str(timeout_s))
+        for rank in range(2)
+    ]  # fmt: skip
+    log = tmp_path / "node0.log"
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "data_ledger" / "rank-0.jsonl").is_file():  # both nodes train
+            assert all(node.poll() is None for node in nodes), log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        node0_processes = psutil.Process(nodes[0].pid).children(recursive=True)
+        # Node 1 hangs as a whole (a frozen host: its processes exist, nothing answers, no connection closes).
+        frozen = [psutil.Process(nodes[1].pid), *psutil.Process(nodes[1].pid).children(recursive=True)]
+        for process in frozen:
+            process.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        while "launch: node 1 " not in log.read_text(errors="replace"):
+            assert nodes[0].poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() - frozen_at < timeout_s + 15, "no node-loss report within NODE_TIMEOUT_S"
+            time.sleep(0.2)
+        returncode = nodes[0].wait(timeout=2 * timeout_s + 30)  # its ranks cannot save without node 1: killed
+        text = log.read_text()
+        assert returncode not in (0, PREEMPTED_EXIT_CODE), text[-3000:]
+        [report] = [line for line in text.splitlines() if line.startswith("launch: node 1 ")]
+        assert "is lost: no heartbeat from its launcher" in report and "rerun the same command on every node" in report
+        assert "restart 1/" not in text and text.rstrip().splitlines()[-1].startswith(f"launch: exit {returncode}")
+        assert not [p for p in node0_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_every_rank(node)

@@ -1,10 +1,10 @@
-"""A preemption request sent to the training processes, not to the launcher's bash.
+"""A preemption request sent to the training processes, not to the launcher.
 
 Some schedulers, node agents and operators signal the training processes directly: ``kill`` of the
 rank PIDs, or ``pkill python``, which also reaches DeepSpeed's runner and its per-node ``launch.py``.
 Every rank finishes its step, saves a complete checkpoint and exits 75. The runner's own code is
 then 75 (launch.py passes on the first failing rank's code), or 143 (the runner itself was killed)
-while launch.py exits 1; either way the launcher reads the ranks' codes from the log, reports 75
+while launch.py exits 1; either way the launcher reads the codes the ranks recorded, reports 75
 and never restarts the run (MAX_RESTARTS would otherwise resume it: the attempt made progress).
 """
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def job_pids(launcher_pid: int) -> list[int]:
-    """The Python processes under the launcher's bash: the ranks and DeepSpeed's runner and launch.py."""
+    """The Python processes under the launcher: the ranks and DeepSpeed's runner and launch.py."""
     python = [c for c in psutil.Process(launcher_pid).children(recursive=True) if "python" in c.cmdline()[0]]
     ranks = [c for c in python if any(part.endswith("pretrain.py") for part in c.cmdline()) and "-m" not in c.cmdline()]
     assert len(ranks) == 2 and len(python) == 4, [c.cmdline()[:4] for c in python]  # runner, launch.py, 2 ranks
@@ -46,7 +46,7 @@ def test_sigterm_to_every_python_process_of_the_job_exits_75_without_a_restart(t
     run = launch(command, tmp_path, console.name, NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="2")
     wait_for_checkpoint(run, output_dir / "checkpoint-4", console)
     for pid in job_pids(run.pid):
-        os.kill(pid, signal.SIGTERM)  # never the launcher's bash: it must learn of the stop from the ranks
+        os.kill(pid, signal.SIGTERM)  # never the launcher: it must learn of the stop from the ranks
 
     assert run.wait(timeout=180) == PREEMPTED_EXIT_CODE, console.read_text()[-4000:]
     text = console.read_text()

@@ -1,6 +1,6 @@
 """Bad run configs and output dirs through ``bash pretrain.sh``: one ``launch:`` line, exit 2, nothing written.
 
-The launcher checks the run config (``scripts/output_dir.py``, through the entry points' own YAML
+The launcher checks the run config (:mod:`llmtrain.launch.plan`, through the entry points' own YAML
 reader) before it writes its logs or starts anything, so each case ends in well under a second of
 Python: no traceback, no output dir, no logs, no DeepSpeed env file.
 """
@@ -13,11 +13,12 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from llmtrain.errors import USER_ERROR_EXIT_CODE
 
-from ..conftest import REPO_ROOT, subprocess_env
+from ..conftest import REPO_ROOT, free_port, subprocess_env
 
 
 def launch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -150,3 +151,21 @@ def test_an_output_dir_on_a_read_only_mount_is_refused_before_anything_is_writte
             result, rf"^launch: output_dir: cannot write in {re.escape(str(where))} \(Read-only file system\)$"
         )
     assert every_path(mount) == {"existing-run"}
+
+
+def test_a_failed_preflight_ends_the_launch_before_any_rank_runs_main(tmp_path: Path) -> None:
+    # The job starts while the preflight runs; the ranks wait for its verdict, which here is no.
+    missing = tmp_path / "missing.jsonl"
+    output_dir = tmp_path / "out"
+    result = launch(
+        tmp_path, "--output_dir", str(output_dir), "--train_files", str(missing), "--dataset_cache_dir",
+        str(tmp_path / "cache"), SKIP_DOCTOR="0", NPROC="1", MASTER_PORT=str(free_port()),
+    )  # fmt: skip
+    assert result.returncode == USER_ERROR_EXIT_CODE, result.stdout + result.stderr
+    assert f"doctor: ERROR   data: train_files: data file {missing} does not exist\n" in result.stdout
+    last_line = result.stdout.rstrip().splitlines()[-1]
+    assert last_line == "launch: preflight failed (exit 2); fix the ERROR lines above (SKIP_DOCTOR=1 skips the check)"
+    assert "deepspeed.launcher.launch" not in result.stdout  # the job's own output went to the log only
+    assert sorted(path.name for path in output_dir.iterdir()) == ["logs"]  # no rank reached the output dir
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(output_dir) in " ".join(p.info["cmdline"] or [])]
+    assert left == []

@@ -1,5 +1,6 @@
 """What a tool pulls in: a chat answer must not import the training stack (DeepSpeed, the Trainer), and the
-launchers' output-dir check (scripts/output_dir.py, run before every launch) not even torch or transformers."""
+launcher's checks before anything starts (its plan: variables, run config, output dir, lock) not even torch or
+transformers."""
 
 from __future__ import annotations
 
@@ -38,22 +39,22 @@ def test_inference_tools_do_not_import_the_training_stack(module: str, tmp_path:
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []
 
 
-# Runs scripts/output_dir.py as the launcher does and reports the heavy modules it imported.
-OUTPUT_DIR_PROBE = """
-import json, runpy, sys
-sys.argv = [{script!r}, "pretrain.py", "--output_dir", {output_dir!r}]
-try:
-    runpy.run_path({script!r}, run_name="__main__")
-except SystemExit as stop:
-    assert stop.code in (0, None), stop.code
+# Runs the launcher's plan and checks as a launch does, then reports the heavy modules they imported.
+LAUNCHER_PROBE = """
+import json, sys
+from pathlib import Path
+from llmtrain.launch.supervisor import make_plan, check_output_dir, check_not_held, LOCK_FILE
+plan = make_plan("pretrain.py", ["--output_dir", {output_dir!r}], {{"NPROC": "2", "PATH": ""}}, Path.cwd())
+check_output_dir(plan.output_dir)
+check_not_held(plan.output_dir / LOCK_FILE)
+print(plan.output_dir)
 print(json.dumps(sorted(name for name in {stack!r} if name in sys.modules)), file=sys.stderr)
 """
 
 
-def test_the_launchers_output_dir_check_does_not_import_torch_or_transformers(tmp_path: Path) -> None:
-    script = str(REPO_ROOT / "scripts" / "output_dir.py")
+def test_the_launchers_checks_before_the_job_starts_do_not_import_torch_or_transformers(tmp_path: Path) -> None:
     stack = (*TRAINING_STACK, "torch", "transformers")
-    probe = OUTPUT_DIR_PROBE.format(script=script, output_dir=str(tmp_path / "out"), stack=stack)
+    probe = LAUNCHER_PROBE.format(output_dir=str(tmp_path / "out"), stack=stack)
     result = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=REPO_ROOT, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=120, check=False,

@@ -3,12 +3,14 @@
 Layers, lowest first (a module may import its own layer and the ones below):
 
     errors, paths                 leaves
-    config, stages, cli           run configuration, the stage table, the CLI wrapper
+    config, stages, cli,          run configuration, the stage table, the CLI wrapper, the launch
+    topology, supervision         topology, the launcher <-> rank channel
     data, modeling, finetuning,   data and model code: never run/ or tools/
     loss, metrics, tiny_default,
     demo_conversations, stdlib_docs
     run                           the training run around the Trainer
     tools                         chat, merge, compare, doctor, verify_resume
+    launch                        the launcher (runs the doctor in process)
 
 Imports made only for type checking (``if TYPE_CHECKING:``) are not counted; imports inside
 functions are (they still run).
@@ -26,11 +28,12 @@ from llmtrain.paths import PROJECT_ROOT
 PACKAGE_DIR = PROJECT_ROOT / "llmtrain"
 LAYERS = {
     "errors": 0, "paths": 0,
-    "config": 1, "stages": 1, "cli": 1,
+    "config": 1, "stages": 1, "cli": 1, "topology": 1, "supervision": 1,
     "data": 2, "modeling": 2, "finetuning": 2, "loss": 2, "metrics": 2,
     "tiny_default": 2, "demo_conversations": 2, "stdlib_docs": 2, "mixers": 2, "multimodal": 2,
     "run": 3,
     "tools": 4,
+    "launch": 5,
 }  # fmt: skip
 
 

@@ -7,15 +7,14 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmtrain.config.arguments import TrainArguments
-from llmtrain.paths import REQUIREMENTS_FILE, TOPOLOGY_SCRIPT
+from llmtrain.paths import REQUIREMENTS_FILE
 from llmtrain.tools.doctor.report import OK, WARNING, PreflightError, Report
+from llmtrain.topology import Topology, launch_topology
 
 # Distribution name = import name for each of these.
 LIBRARIES = (
@@ -29,7 +28,6 @@ LIBRARIES = (
     "swanlab",
     "torchdata",
 )
-TOPOLOGY_TIMEOUT_S = 30  # the script answers in milliseconds; only a hung nvidia-smi takes longer
 
 
 # --- libraries -------------------------------------------------------------------------------
@@ -100,50 +98,8 @@ def _check_library(report: Report, name: str, pin: str | None, fast: bool) -> No
 # --- GPUs and ranks ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Topology:
-    """What scripts/launch.sh starts on this node, as scripts/topology.sh computes it."""
-
-    gpus: int  # GPUs the launcher uses; 0 means CPU ranks with --use_cpu
-    ranks: int  # processes it starts on this node (under HOSTFILE: on all the hostfile's hosts)
-    gpus_from: str  # what decided ``gpus``: HOSTFILE, NUM_GPUS, CUDA_VISIBLE_DEVICES, nvidia-smi or none
-    hosts: int = 1  # the hostfile's hosts under HOSTFILE, else this node
-
-    @classmethod
-    def parse(cls, line: str) -> Topology:
-        """Read the script's ``gpus=N ranks=N gpus_from=WHAT hosts=N`` line.
-
-        >>> Topology.parse("gpus=0 ranks=2 gpus_from=none hosts=1\\n")
-        Topology(gpus=0, ranks=2, gpus_from='none', hosts=1)
-        """
-        fields = dict(part.split("=", 1) for part in line.split())
-        return cls(
-            gpus=int(fields["gpus"]),
-            ranks=int(fields["ranks"]),
-            gpus_from=fields["gpus_from"],
-            hosts=int(fields.get("hosts", "1")),
-        )
-
-
-def launch_topology(script: Path = TOPOLOGY_SCRIPT) -> Topology:
-    """Run the launcher's topology rule in this process's environment (a few milliseconds of bash).
-
-    Raises :class:`PreflightError` with the script's own message for a bad ``NUM_GPUS`` or
-    ``NPROC`` (e.g. ``NPROC='two' must be a whole number``).
-    """
-    try:
-        result = subprocess.run(
-            ["bash", str(script)], capture_output=True, text=True, timeout=TOPOLOGY_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as error:
-        raise PreflightError(f"{script} did not answer in {TOPOLOGY_TIMEOUT_S} s (is nvidia-smi hanging?)") from error
-    if result.returncode != 0:
-        raise PreflightError(result.stderr.strip() or f"{script} failed with exit {result.returncode}")
-    return Topology.parse(result.stdout)
-
-
 def check_gpus(report: Report, training_args: TrainArguments | None) -> None:
-    """What scripts/launch.sh will start (its own rule, :data:`TOPOLOGY_SCRIPT`) against what torch sees.
+    """What the launcher will start (its own rule, :func:`llmtrain.topology.launch_topology`) against what torch sees.
 
     The launcher takes ``NUM_GPUS`` (the first ones ``CUDA_VISIBLE_DEVICES`` lists, when it is set),
     else the devices ``CUDA_VISIBLE_DEVICES`` lists, else every GPU nvidia-smi lists; with none it
@@ -152,9 +108,6 @@ def check_gpus(report: Report, training_args: TrainArguments | None) -> None:
     on its hosts, so this node's GPUs are not compared.
     """
     visible = torch.cuda.device_count()
-    if not TOPOLOGY_SCRIPT.is_file():
-        report.add(WARNING, "gpus", f"torch sees {visible} GPU(s); ranks not checked: {TOPOLOGY_SCRIPT} is missing")
-        return
     topology = launch_topology()
     gpus = topology.gpus
     if topology.gpus_from == "HOSTFILE":
