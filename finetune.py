@@ -28,7 +28,7 @@ from llmtrain.modeling import (
 from llmtrain.multimodal import MultimodalBase
 from llmtrain.run.output_dir import inspect_output_dir
 from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
-from llmtrain.run.train import train_in_output_dir
+from llmtrain.run.train import resume_data_check, train_in_output_dir
 from llmtrain.stages import SFT
 
 MASK_CHECK_ROWS = 8  # rows collated and checked for labelled padding before training starts
@@ -47,10 +47,12 @@ def main(argv: list[str]) -> None:
     start = None if data_args.prepare_only else inspect_output_dir(training_args, run_config)
     if start is not None and start.already_finished:
         return
-    layout = choose_layout(data_args.packing, resolve_attn_implementation(model_args.attn_implementation), model_config)
+    attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
+    layout = choose_layout(data_args.packing, attn_implementation, model_config, None, data_args.share_prefixes)
     layout.announce()
     with training_args.main_process_first(desc="encode conversations"):
-        data = prepare_sft_data(data_args, tokenizer, layout)
+        data = prepare_sft_data(data_args, tokenizer, layout, resume_data_check(start, training_args, layout.name))
+    layout = layout.settled(data.metadata["stats"].get("trees", 0))  # prefix trees only where the data has some
     collator = collator_for(layout, tokenizer.pad_token_id)
     check_collated_batch(collator([data.train[i] for i in range(min(MASK_CHECK_ROWS, len(data.train)))]))
     if start is None:

@@ -17,7 +17,7 @@ from llmtrain.modeling import build_model, check_sequence_length, load_model_con
 from llmtrain.multimodal import MultimodalBase
 from llmtrain.run.output_dir import inspect_output_dir
 from llmtrain.run.process import disable_unused_cpu_ops, init_deepspeed_comm, set_rank_log_level
-from llmtrain.run.train import train_in_output_dir
+from llmtrain.run.train import resume_data_check, train_in_output_dir
 from llmtrain.stages import PRETRAIN
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     if start is not None and start.already_finished:
         return
     with training_args.main_process_first(desc="tokenize"):
-        data = prepare_pretrain_data(data_args, tokenizer)
+        data = prepare_pretrain_data(data_args, tokenizer, resume_data_check(start, training_args))
     if start is None:
         return
     model = build_model(model_args, model_config, tokenizer, training_args.seed)

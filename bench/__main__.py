@@ -13,7 +13,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import memory, packed_memory, preprocessing, sft_throughput, token_store, trainer_overhead
+from bench import (
+    memory,
+    packed_memory,
+    preprocessing,
+    sft_fitting,
+    sft_prepare,
+    sft_throughput,
+    token_store,
+    trainer_overhead,
+)
 from bench.common import Result, machine, set_threads, table, write_json
 
 BENCHMARKS: dict[str, Callable[[], Result]] = {
@@ -28,6 +37,12 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "train_memory": token_store.run_train_memory,
     "prepare_workers": token_store.run_workers,
     "prepare_single_worker": token_store.run_single_worker,
+    "sft_fitting": sft_fitting.run,
+    "sft_prepare_memory": sft_prepare.run_memory,
+    "sft_prepare_workers": sft_prepare.run_workers,
+    "prefix_tree_tokens": sft_throughput.run_tree_tokens,
+    "prefix_tree_speed": sft_throughput.run_tree_speed,
+    "prefix_tree_memory": sft_throughput.run_tree_memory,
 }
 
 

@@ -1,6 +1,7 @@
 """SFT useful-token throughput: our packed path vs the replaced recipe's pad-everything-to-2048.
 
     python -m bench.sft_throughput [--samples 64] [--repeats 3] [--tokenizer DIR] [--data FILE]
+    python -m bench.sft_throughput --prefix-trees [--samples 48] [--tokenizer DIR] [--data FILE]
 
 Both sides train the same tiny model (the shipped tiny config, positions raised to 2048, vocabulary
 ``len(tokenizer)``) on the same conversations, one 2048-position micro-batch per optimizer step:
@@ -39,6 +40,7 @@ import json
 import math
 import random
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +50,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 from bench.common import Result, median, print_result, set_threads, timed
 from llmtrain.config.arguments import SFTDataArguments
 from llmtrain.data.chat_masks import encode_conversation
-from llmtrain.data.collate import PackedRowsCollator
-from llmtrain.data.conversations import read_conversation_files
-from llmtrain.data.fitting import fit_conversation, pack_batch
+from llmtrain.data.collate import PackedRowsCollator, TreeRowsCollator
+from llmtrain.data.conversations import read_conversation_files, template_messages
+from llmtrain.data.fitting import concatenate_rows, fit_conversation, pack_batch, pack_rows
+from llmtrain.data.prefix_tree import PrefixTree, tree_samples
 from llmtrain.loss import IGNORE_INDEX, enable_memory_efficient_loss
 from llmtrain.metrics import PADDED_POSITIONS
-from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
+from llmtrain.paths import DEMO_CONVERSATIONS_PATH, DEMO_CORPUS_PATH, TINY_MODEL_DIR, TINY_THINK_TEMPLATE
 from llmtrain.tiny_default import IM_END
 
 SEQ_LEN = 2048  # the recipe's fixed padding length, and our packed row length
@@ -137,10 +140,10 @@ def read_samples(path: Path, tokenizer: PreTrainedTokenizerBase, count: int) -> 
     return samples, dropped
 
 
-def tiny_model(vocab_size: int) -> Qwen2ForCausalLM:
-    """The shipped tiny config with positions raised to 2048 and ``vocab_size`` ids, sdpa, train mode."""
+def tiny_model(vocab_size: int, positions: int = SEQ_LEN) -> Qwen2ForCausalLM:
+    """The shipped tiny config with ``positions`` positions (2048) and ``vocab_size`` ids, sdpa, train mode."""
     config = Qwen2Config.from_pretrained(TINY_MODEL_DIR)
-    config.max_position_embeddings = SEQ_LEN
+    config.max_position_embeddings = positions
     config.vocab_size = vocab_size
     config.use_cache = False
     torch.manual_seed(0)
@@ -251,13 +254,169 @@ def run(
     return Result("SFT supervised tokens/s, ours / recipe", ours_rate / recipe_rate, TARGET, True, detail)
 
 
+# --------------------------------------------------------------------------- prefix trees vs per-turn rows
+
+TREE_TARGETS = {"tokens": 1.25, "speed": 3.0, "memory": 1.3}  # issue 24's targets
+
+
+def reasoning_conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Multi-turn reasoning conversations from the demo set: 6-20 answers, each with a short reasoning trace.
+
+    Questions and answers are the demo conversations' (a sentence each), a trace the first sentence
+    of a demo-corpus docstring. Under a template that rewrites history every answer is a row of its
+    own carrying all the turns before it, so the rows repeat the history quadratically: here, as on
+    the real multi-turn chat file that motivated prefix trees, most tokens of the rows are history.
+    """
+    with DEMO_CONVERSATIONS_PATH.open(encoding="utf-8") as handle:
+        pairs = [
+            [turn["value"] for turn in json.loads(line)["conversations"] if turn["from"] != "system"][:2]
+            for line in handle
+        ]
+    with DEMO_CORPUS_PATH.open(encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle]
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        messages: list[dict[str, str]] = []
+        for _ in range(rng.randint(6, 20)):
+            question, answer = rng.choice(pairs)
+            reasoning = rng.choice(texts).split(". ")[0]
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer, "reasoning_content": reasoning}]  # fmt: skip
+        conversations.append(messages)
+    return conversations
+
+
+def unique_tokens(rows: list[dict[str, list[int]]]) -> int:
+    """A conversation's distinct tokens: each token once per distinct context, i.e. one prefix tree of all its rows.
+
+    What the rows would cost if every repeated prefix were computed once; the per-turn rows pay the
+    history again in every row, the trees pay it again only where a tree must be split to fit.
+    """
+    tree = PrefixTree(max_tokens=sum(len(row["input_ids"]) for row in rows))
+    for row in rows:
+        tree.add(row)
+    return len(tree)
+
+
+def packed_batches(samples: list[dict[str, list[int]]], collate: Any, length: int) -> list[dict[str, torch.Tensor]]:
+    """``samples`` packed next-fit into rows of <= ``length`` tokens, one row per micro-batch."""
+    batches = []
+    for group in pack_rows([len(sample["input_ids"]) for sample in samples], length):
+        batch = collate([concatenate_rows([samples[i] for i in group])])
+        batch.pop(PADDED_POSITIONS, None)
+        batches.append(batch)
+    return batches
+
+
+TREE_SEQ_LEN = 4096  # max_seq_length of the prefix-tree comparison: multi-turn reasoning rows run long
+
+
+def run_prefix_trees(
+    conversations: int = 48, repeats: int = 3, tokenizer_dir: Path | None = None, data: Path | None = None
+) -> list[Result]:
+    """Per-turn rows vs prefix trees on multi-turn reasoning data: tokens per epoch, supervised tokens/s, memory.
+
+    The template must rewrite history (the tiny think template for the tiny tokenizer; a
+    ``--tokenizer`` brings its own, e.g. Qwen3's). Both sides pack into rows of <= SEQ_LEN tokens:
+    per-turn rows through ``PackedRowsCollator``, trees through ``TreeRowsCollator``; the same
+    supervised tokens each epoch, so speed is epoch time, sides alternating batch by batch.
+    """
+    from bench.packed_memory import measure as step_peak
+
+    set_threads()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or TINY_MODEL_DIR)
+    if tokenizer_dir is None:
+        tokenizer.chat_template = TINY_THINK_TEMPLATE.read_text(encoding="utf-8")
+    if data is None:
+        records = [(messages, "synthetic") for messages in reasoning_conversations(conversations)]
+    else:
+        rows_of = read_conversation_files([data]).select(range(conversations))
+        records = [(template_messages(r["messages"]), r["source"]) for r in rows_of]
+    data_args = SFTDataArguments(train_files=[str(DEMO_CONVERSATIONS_PATH)], max_seq_length=TREE_SEQ_LEN)
+    rows, trees, unique = [], [], 0
+    for messages, source in records:
+        fitted = fit_conversation(messages, tokenizer, data_args, source)
+        if fitted["drop_reason"]:
+            continue
+        rows += fitted["rows"]
+        trees += tree_samples(fitted["rows"], TREE_SEQ_LEN)
+        unique += unique_tokens(fitted["rows"])
+    row_tokens, tree_tokens = (sum(len(s["input_ids"]) for s in side) for side in (rows, trees))
+    supervised = sum(label != IGNORE_INDEX for s in trees for label in s["labels"])
+    row_batches = packed_batches(rows, PackedRowsCollator(tokenizer.pad_token_id), TREE_SEQ_LEN)
+    tree_batches = packed_batches(trees, TreeRowsCollator(tokenizer.pad_token_id), TREE_SEQ_LEN)
+    models = {side: tiny_model(len(tokenizer), TREE_SEQ_LEN) for side in ("rows", "trees")}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+    for model in models.values():
+        enable_memory_efficient_loss(model)
+    sides = {"rows": row_batches, "trees": tree_batches}
+    for name in sides:  # warm-up: each row shape once
+        train_steps(models[name], optimizers[name], sides[name])
+    seconds: dict[str, list[float]] = {"rows": [], "trees": []}
+    for _ in range(repeats):
+        for name, batches in sides.items():
+            seconds[name].append(timed(functools.partial(train_steps, models[name], optimizers[name], batches)))
+    epoch = {name: median(times) for name, times in seconds.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        peaks = {}
+        for name, batches in sides.items():
+            longest = max(batches, key=lambda batch: batch["input_ids"].shape[1])
+            path = Path(scratch) / f"{name}.pt"
+            torch.save(longest, path)
+            peaks[name] = step_peak(path, len(tokenizer))["step_peak_mib"]
+    detail = {
+        "tokenizer": f"{tokenizer_dir or 'tiny (think template)'} ({len(tokenizer)} ids)",
+        "data": str(data) if data else f"synthetic: {conversations} demo reasoning conversations",
+        "rows": len(rows), "trees_and_rows": len(trees), "unique_tokens": unique, "row_tokens": row_tokens,
+        "tree_tokens": tree_tokens, "rows_per_unique": round(row_tokens / unique, 2),
+        "supervised_tokens": supervised,
+        "rows_supervised_tokens_per_s": round(supervised / epoch["rows"], 1),
+        "trees_supervised_tokens_per_s": round(supervised / epoch["trees"], 1),
+        "step_peak_mib": {name: round(peak, 1) for name, peak in peaks.items()},
+    }  # fmt: skip
+    return [
+        Result("Prefix trees: tokens per epoch / unique tokens", tree_tokens / unique, TREE_TARGETS["tokens"], False,
+               detail),
+        Result("Prefix trees: supervised tokens/s, trees / per-turn rows", epoch["rows"] / epoch["trees"],
+               TREE_TARGETS["speed"], True, detail),
+        Result("Prefix trees: step peak memory, trees / per-turn rows", peaks["trees"] / peaks["rows"],
+               TREE_TARGETS["memory"], False, detail),
+    ]  # fmt: skip
+
+
+@functools.cache
+def prefix_tree_results() -> tuple[Result, ...]:
+    """:func:`run_prefix_trees` once, for ``python -m bench``'s three rows."""
+    return tuple(run_prefix_trees())
+
+
+def run_tree_tokens() -> Result:
+    return prefix_tree_results()[0]
+
+
+def run_tree_speed() -> Result:
+    return prefix_tree_results()[1]
+
+
+def run_tree_memory() -> Result:
+    return prefix_tree_results()[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=64, help="conversations per pass")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the tiny tokenizer)")
     parser.add_argument("--data", type=Path, help="real conversation file (default: synthetic BELLE-like lengths)")
+    parser.add_argument(
+        "--prefix-trees", action="store_true", help="multi-turn reasoning: prefix trees vs per-turn rows instead"
+    )
     args = parser.parse_args()
+    if args.prefix_trees:
+        for result in run_prefix_trees(args.samples, args.repeats, args.tokenizer, args.data):
+            print_result(result)
+        return
     result = run(args.samples, args.repeats, tokenizer_dir=args.tokenizer, data=args.data)
     print_result(result)
 

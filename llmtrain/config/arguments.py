@@ -37,6 +37,7 @@ FINETUNING_TYPES = ("full", "lora", "partial")
 NONFINITE_POLICIES = ("stop", "skip")
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "standard")
 INVALID_RECORD_POLICIES = ("error", "skip")
+SHARE_PREFIXES_CHOICES = ("auto", "true", "false")
 # ZeRO-3 keys that make the Trainer's save gather the partitioned weights into one model file (the second is
 # DeepSpeed's older spelling).
 ZERO3_GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")
@@ -207,6 +208,15 @@ class SFTDataArguments(DataArguments):
         default=True,
         metadata={"help": "Pack conversations into rows of max_seq_length, padding-free; false: pad per batch."},
     )
+    share_prefixes: str = field(
+        default="auto",
+        metadata={
+            "help": "Train a conversation's per-turn rows (templates that rewrite history, e.g. Qwen3) as one prefix "
+            "tree, each shared prefix computed once. auto: where it is exact (sdpa or eager attention, no "
+            "recurrent mixers); true: refuse where it is not; false: rows.",
+            "choices": SHARE_PREFIXES_CHOICES,
+        },
+    )
     train_on_last_turn_only: bool = field(
         default=False, metadata={"help": "Supervise only the last assistant turn (default: every assistant turn)."}
     )
@@ -237,6 +247,7 @@ class SFTDataArguments(DataArguments):
     )
 
     def __post_init__(self) -> None:
+        self.share_prefixes = str(self.share_prefixes).lower()  # YAML reads true / false as booleans
         check_choices(self)
         self._check_common(DEMO_CONVERSATIONS_PATH, "demo conversations")
         assert self.train_files is not None

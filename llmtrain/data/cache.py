@@ -1,7 +1,7 @@
 """Tokenize once: processed datasets saved to disk and reused by later runs and restarts.
 
-A prepared dataset is a directory the stage's build function fills (SFT: a ``datasets.DatasetDict``
-saved with ``save_to_disk``; pretraining: one token store per split) plus a
+A prepared dataset is a directory the stage's build function fills (SFT: one row store per split,
+:mod:`llmtrain.data.sft_rows`; pretraining: one token store per split) plus a
 ``llmtrain_meta.json`` that records what it was built from. Building happens in a temporary
 sibling directory that is renamed into place when complete, so a crash mid-build never leaves
 a half-written dataset that a later run would trust, and two nodes racing to build the same
@@ -12,22 +12,25 @@ Verification rule (a dataset damaged after it was built, e.g. a truncated copy, 
 - At build time the metadata's ``files`` lists every file of the saved dataset (path relative to
   it, size in bytes) and a SHA-256 for each file of at most :data:`HASH_SMALL_FILE_BYTES` (the
   JSON state files) and, when the whole dataset is at most :data:`HASH_DATASET_BYTES`, for its
-  Arrow data files too. Above that only sizes are recorded, so neither building nor verifying
+  data files too. Above that only sizes are recorded, so neither building nor verifying
   ever reads a multi-GB dataset in full.
 - Before reuse every listed file must exist with its recorded size and, where recorded, hash;
-  files that are not listed (e.g. ``datasets`` cache files written later) are ignored. Then the
-  dataset is loaded; an Arrow or I/O error while loading also counts as damage.
-- A dataset prepared before file lists were recorded is checked by loading it only: a
-  truncated Arrow file fails to load and counts as damage; same-size corruption goes unnoticed.
+  files that are not listed are ignored. Then the dataset is loaded, which checks each store
+  against its own index; an error while loading also counts as damage.
 - Damaged and rebuildable (the cache-dir copy, keyed on its raw files; or ``tokenized_path``
   when this run's raw files resolve to the unchanged files recorded in its metadata): one WARNING
   names the file and the fault, the damaged copy is renamed aside and deleted, and the dataset is
   built again through the atomic path above. Otherwise one ``ConfigError`` names the field, the
   file and the fault, and nothing is written.
+
+A refused run writes nothing: the caller's ``check_sources`` (a resumed run's data identity) runs on
+the raw files' fingerprints before any output exists, and a build that fails (a bad record,
+nothing to train on) leaves no staging directory, and no cache directory it created, behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,12 +38,9 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import datasets
-import pyarrow as pa
 
 from llmtrain.config.arguments import DataArguments
 from llmtrain.config.sources import parse_sources
@@ -55,8 +55,9 @@ META_FILE = "llmtrain_meta.json"
 HASH_DATASET_BYTES = 64 * 2**20
 # datasets' JSON state files are a few hundred bytes: always hashed, whatever the dataset's size.
 HASH_SMALL_FILE_BYTES = 2**20
-# What a damaged Arrow file raises while loading (truncation: OSError; bad bytes: ArrowInvalid).
-LOAD_ERRORS = (OSError, ValueError, KeyError, pa.ArrowException)
+# What a damaged store raises while loading (a missing or truncated file: OSError; an index that does not match
+# its files: StoreDamaged, a ValueError; unreadable metadata: ValueError or KeyError).
+LOAD_ERRORS = (OSError, ValueError, KeyError)
 SHOWN_PROBLEMS = 3  # a message names this many damaged files, then counts the rest
 
 
@@ -78,6 +79,7 @@ class PreparedData:
     path: Path
     built: bool
     metadata: dict[str, Any]  # compat, stats (the stage's counts), sources (file fingerprints), files (sizes, hashes)
+    identity_checked: bool = False  # load_or_build ran the caller's check_sources on these sources
 
 
 @dataclass
@@ -88,6 +90,7 @@ class RawFiles:
     validation_files: list[Path]
     sources: dict[str, Any]  # file fingerprints and split settings, recorded in the metadata
     train_sources: list[tuple[str, list[Path]]]  # weighted pretraining sources: (name, files); else one
+    notes: list[str] = field(default_factory=list)  # folder scans' warnings (files left out), logged when building
 
 
 @dataclass
@@ -103,10 +106,17 @@ class DataLocation:
 Build = Callable[[RawFiles, Path], dict[str, Any]]
 # Opens the prepared splits in a directory: (train, eval or None); LOAD_ERRORS where the files are damaged.
 Load = Callable[[Path], tuple[Any, Any]]
+# Refuses (raises) data whose ``sources`` (file fingerprints) this run may not use, e.g. a resume on edited data.
+CheckSources = Callable[[dict[str, Any]], None]
 
 
 def load_or_build(
-    location: DataLocation, compat: dict[str, Any], build: Build, load: Load, field_name: str
+    location: DataLocation,
+    compat: dict[str, Any],
+    build: Build,
+    load: Load,
+    field_name: str,
+    check_sources: CheckSources | None = None,
 ) -> PreparedData:
     """Load the prepared dataset at ``location.path`` after verifying it, or build and save it there.
 
@@ -115,7 +125,9 @@ def load_or_build(
     ``field_name``, never silently trained on. A damaged one is rebuilt or refused by the rule in
     the module docstring. ``build`` writes the splits from the raw files into a staging directory
     and returns the stats to store; the raw files' ``sources`` and the written files' sizes and
-    hashes are recorded beside them. ``load`` opens the splits.
+    hashes are recorded beside them. ``load`` opens the splits. ``check_sources`` is given the
+    sources of the data this run would train on, the recorded ones of a reused dataset or the raw
+    files' before anything is built, so a refusal writes nothing; a failed build removes what it wrote.
     """
     path = location.path
     if path.exists():
@@ -125,17 +137,25 @@ def load_or_build(
             problems = find_damage(path, metadata)
         if not problems:
             assert metadata is not None
+            if check_sources is not None:
+                check_sources(metadata.get("sources") or {})
             try:
                 prepared = _loaded(path, metadata, load, built=False)
             except LOAD_ERRORS as error:
-                problems = [_unreadable_file(path) or f"could not be loaded ({_one_line(error)})"]
+                problems = [f"could not be loaded ({_one_line(error)})"]
             else:
                 logger.info("reusing the tokenized dataset at %s (no re-tokenization)", path)
+                prepared.identity_checked = check_sources is not None
                 return prepared
         _refuse_or_move_aside(location, metadata, problems, field_name)
 
     raw = location.raw_files()
+    if check_sources is not None:
+        check_sources(raw.sources)
+    for note in raw.notes:
+        logger.warning("%s", note)
     logger.info("tokenizing into %s", path)
+    created = _missing_ancestors(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -144,6 +164,9 @@ def load_or_build(
         stats = build(raw, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:  # deepest first; one another process has filled since stays
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     metadata = {"compat": compat, "stats": stats, "sources": raw.sources, "files": file_manifest(staging)}
     (staging / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
@@ -154,14 +177,29 @@ def load_or_build(
             raise
         logger.info("another process finished %s first; using its copy", path)
         shutil.rmtree(staging, ignore_errors=True)
-    return _loaded(path, metadata, load, built=True)
+    prepared = _loaded(path, metadata, load, built=True)
+    prepared.identity_checked = check_sources is not None
+    return prepared
+
+
+def _missing_ancestors(directory: Path) -> list[Path]:
+    """``directory`` and its parents that do not exist yet, deepest first (what ``mkdir(parents=True)`` creates).
+
+    >>> [p.name for p in _missing_ancestors(Path("/tmp/no-such-llmtrain-dir/a/b"))]
+    ['b', 'a', 'no-such-llmtrain-dir']
+    """
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
 
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size", "sha256"?}}`` for every file under ``directory`` but the metadata.
 
     A file is hashed when it is small (the JSON state files) or the whole dataset is small; a
-    multi-GB dataset's Arrow files get sizes only, so the manifest costs nothing to build.
+    multi-GB dataset's data files get sizes only, so the manifest costs nothing to build.
     """
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META_FILE)
     sizes = {file: file.stat().st_size for file in files}
@@ -215,24 +253,6 @@ def _read_metadata(path: Path, field_name: str) -> tuple[dict[str, Any] | None, 
 def _loaded(path: Path, metadata: dict[str, Any], load: Load, built: bool) -> PreparedData:
     train, evaluation = load(path)
     return PreparedData(train, evaluation, path, built, metadata)
-
-
-def load_arrow_splits(path: Path) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The ``train`` (and ``validation``) split of a ``DatasetDict`` saved at ``path`` (a :data:`Load`)."""
-    splits = datasets.load_from_disk(str(path))
-    if not isinstance(splits, datasets.DatasetDict) or "train" not in splits:
-        raise ValueError(f"{path} holds no train split")
-    return splits["train"], splits.get("validation")
-
-
-def _unreadable_file(path: Path) -> str | None:
-    """The first Arrow file under ``path`` that does not load, as ``"file: fault"``; names it for old datasets."""
-    for file in sorted(path.rglob("*.arrow")):
-        try:
-            datasets.Dataset.from_file(str(file))
-        except LOAD_ERRORS as error:
-            return f"{file.relative_to(path).as_posix()}: unreadable ({_one_line(error)})"
-    return None
 
 
 def _refuse_or_move_aside(
@@ -301,24 +321,28 @@ def locate_prepared_data(
     or to ``dataset_cache_dir`` under ``<stage>-<key>``, the key hashing ``compat``, the file
     fingerprints and ``settings`` (the stage's reading options).
     """
-    resolve = functools.cache(lambda: _resolve_raw_files(data_args, settings))
+    resolve = functools.cache(lambda: _resolve_raw_files(data_args, settings, stage))
     if data_args.tokenized_path:
         return DataLocation(Path(data_args.tokenized_path), False, resolve)
     path = Path(data_args.dataset_cache_dir).expanduser() / f"{stage}-{cache_key({**compat, **resolve().sources})}"
     return DataLocation(path, True, resolve)
 
 
-def _resolve_raw_files(data_args: DataArguments, settings: dict[str, Any]) -> RawFiles:
+def _resolve_raw_files(data_args: DataArguments, settings: dict[str, Any], stage: str) -> RawFiles:
+    """The raw files the stage reads (``STAGE_FILES``), fingerprinted; folder notes kept for the build to log."""
     assert data_args.train_files is not None
-    train_files = resolve_data_files(data_args.train_files, "train_files")
+    notes: list[str] = []
+    train_files = resolve_data_files(data_args.train_files, "train_files", stage, notes)
     weighted = parse_sources(data_args.train_files)
     train_sources = (
-        [(source.name, resolve_data_files(list(source.specs), "train_files")) for source in weighted]
+        [(source.name, resolve_data_files(list(source.specs), "train_files", stage, [])) for source in weighted]
         if weighted[0].weight is not None
         else [("train_files", train_files)]
     )
     validation_files = (
-        resolve_data_files(data_args.validation_files, "validation_files") if data_args.validation_files else []
+        resolve_data_files(data_args.validation_files, "validation_files", stage, notes)
+        if data_args.validation_files
+        else []
     )
     sources = {
         "train": file_fingerprints(train_files),
@@ -328,4 +352,4 @@ def _resolve_raw_files(data_args: DataArguments, settings: dict[str, Any]) -> Ra
     }
     if len(train_sources) > 1 or weighted[0].weight is not None:  # which files make which store
         sources["train_sources"] = [[name, [str(path) for path in files]] for name, files in train_sources]
-    return RawFiles(train_files, validation_files, sources, train_sources)
+    return RawFiles(train_files, validation_files, sources, train_sources, notes)

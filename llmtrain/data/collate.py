@@ -2,8 +2,8 @@
 
 Light on purpose (torch only, no ``datasets``), so benchmarks and tools can build the same batches.
 
-The layout follows from ``packing``, the attention implementation and the model's token mixers
-(:mod:`llmtrain.mixers`), never from a model name:
+The layout follows from ``packing``, ``share_prefixes``, the attention implementation and the
+model's token mixers (:mod:`llmtrain.mixers`), never from a model name:
 
 ======================  =====================================================================
 ``padded``              one conversation per row, right-padded, with an attention mask
@@ -14,15 +14,22 @@ The layout follows from ``packing``, the attention implementation and the model'
 ``packed_flat_varlen``  as ``packed_flat``, plus the boundaries every recurrent mixer needs:
                         ``cu_seq_lens_q/k`` (flash-attention, Gated DeltaNet's state) and
                         ``seq_idx`` (the causal conv1d window)
+``tree_rows``           as ``padded``, but a conversation whose rows share prefixes (a template
+                        that rewrites history) is one prefix tree (:mod:`llmtrain.data.prefix_tree`)
+                        with its ancestor mask (sdpa, eager)
+``packed_trees``        as ``packed_rows``, with such trees among the packed conversations
 ======================  =====================================================================
 
 A model with recurrent mixers is packed only as ``packed_flat_varlen``, which needs a CUDA GPU
 with flash-attn, flash-linear-attention and causal-conv1d; anywhere else it trains ``padded``
-rows, exact because right padding never reaches an earlier token of a causal mixer.
+rows, exact because right padding never reaches an earlier token of a causal mixer. Prefix trees
+need a mask that flash-attention cannot take, and a recurrent mixer cannot branch: there the
+rows stay rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +37,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from llmtrain.data.prefix_tree import ancestor_mask, tree_shift_labels
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.loss import IGNORE_INDEX
 from llmtrain.metrics import PADDED_POSITIONS
@@ -38,20 +46,37 @@ from llmtrain.mixers import describe_recurrent_layers, layer_types, missing_varl
 logger = logging.getLogger(__name__)
 
 PADDED, PACKED_ROWS, PACKED_FLAT, PACKED_FLAT_VARLEN = "padded", "packed_rows", "packed_flat", "packed_flat_varlen"
+TREE_ROWS, PACKED_TREES = "tree_rows", "packed_trees"
+PACKED_LAYOUTS = (PACKED_ROWS, PACKED_FLAT, PACKED_FLAT_VARLEN, PACKED_TREES)
+TREE_LAYOUTS = {TREE_ROWS: PADDED, PACKED_TREES: PACKED_ROWS}  # each with what it is without trees
 SEQUENCE_LAYOUT_KEY = "sequence_layout"  # in the prepared data's metadata, so in the run manifest's "data"
 
 
 @dataclass(frozen=True)
 class SequenceLayout:
-    """How conversations are laid out in a micro-batch; ``packed`` says whether the prepared rows are packed."""
+    """How conversations are laid out in a micro-batch (module docstring); what the prepared rows must be."""
 
     name: str
     reason: str
     fallback: bool = False  # packing was asked for but cannot be exact here
+    attn_implementation: str = "sdpa"
 
     @property
     def packed(self) -> bool:
-        return self.name != PADDED
+        """Whether the prepared rows are packed."""
+        return self.name in PACKED_LAYOUTS
+
+    @property
+    def trees(self) -> bool:
+        """Whether a conversation's rows that share prefixes are prepared as one prefix tree."""
+        return self.name in TREE_LAYOUTS
+
+    def settled(self, trees: int) -> SequenceLayout:
+        """This layout for prepared data holding ``trees`` prefix trees: without trees where there are none."""
+        if not self.trees or trees:
+            return self
+        reason = f"{self.reason}; no conversation's rows share a prefix"
+        return dataclasses.replace(self, name=TREE_LAYOUTS[self.name], reason=reason)
 
     def announce(self) -> None:
         """One log line: a warning when packing was asked for and cannot be exact here, else info."""
@@ -66,42 +91,77 @@ class SequenceLayout:
 
 
 def choose_layout(
-    packing: bool, attn_implementation: str, config: PretrainedConfig, missing_kernels: list[str] | None = None
+    packing: bool,
+    attn_implementation: str,
+    config: PretrainedConfig,
+    missing_kernels: list[str] | None = None,
+    share_prefixes: str = "false",
 ) -> SequenceLayout:
-    """The layout for ``packing`` under ``attn_implementation`` (resolved) and the model ``config``.
+    """The layout for ``packing`` and ``share_prefixes`` under ``attn_implementation`` (resolved) and ``config``.
 
     ``missing_kernels`` is what :func:`llmtrain.mixers.missing_varlen_kernels` reports (looked up
     when None); it matters only for a model with recurrent mixers, which is never packed without them.
+    ``share_prefixes`` (auto, true, false): prefix trees where they are exact; ``true`` where they are
+    not is a :class:`ConfigError`.
 
     >>> from transformers import Qwen2Config, Qwen3_5TextConfig
     >>> choose_layout(True, "sdpa", Qwen2Config()).name, choose_layout(True, "flash_attention_2", Qwen2Config()).name
     ('packed_rows', 'packed_flat')
+    >>> choose_layout(True, "sdpa", Qwen2Config(), share_prefixes="auto").name
+    'packed_trees'
+    >>> choose_layout(False, "eager", Qwen2Config(), share_prefixes="auto").name
+    'tree_rows'
     >>> hybrid = Qwen3_5TextConfig(num_hidden_layers=4)
-    >>> choose_layout(True, "sdpa", hybrid, missing_kernels=["a CUDA GPU"]).name
+    >>> choose_layout(True, "sdpa", hybrid, missing_kernels=["a CUDA GPU"], share_prefixes="auto").name
     'padded'
     >>> choose_layout(True, "flash_attention_2", hybrid, missing_kernels=[]).name
     'packed_flat_varlen'
     """
-    if not packing:
-        return SequenceLayout(PADDED, "packing is off")
+    layout = _packing_layout(packing, attn_implementation, config, missing_kernels)
     recurrent = recurrent_layer_counts(config)
-    flash = attn_implementation.startswith("flash")
+    if recurrent:
+        problem = f"{describe_recurrent_layers(recurrent, len(layer_types(config)))}: a recurrent mixer cannot branch"
+    elif attn_implementation.startswith("flash"):
+        problem = f"{attn_implementation} cannot take a prefix tree's ancestor mask"
+    else:
+        problem = ""
+    if share_prefixes == "true" and problem:
+        raise ConfigError(f"share_prefixes: true, but {problem}; set share_prefixes: auto (rows where it is not exact)")
+    if share_prefixes == "false":
+        return layout
+    if problem:
+        return dataclasses.replace(layout, reason=f"{layout.reason}; rows that share a prefix stay rows: {problem}")
+    name = PACKED_TREES if layout.packed else TREE_ROWS
+    reason = f"{layout.reason}; a conversation's rows that share a prefix train as one prefix tree"
+    return dataclasses.replace(layout, name=name, reason=reason)
+
+
+def _packing_layout(
+    packing: bool, attn_implementation: str, config: PretrainedConfig, missing_kernels: list[str] | None
+) -> SequenceLayout:
+    """The layout for ``packing`` alone (see :func:`choose_layout`)."""
+    attn = attn_implementation
+    if not packing:
+        return SequenceLayout(PADDED, "packing is off", attn_implementation=attn)
+    recurrent = recurrent_layer_counts(config)
+    flash = attn.startswith("flash")
     if not recurrent:
         if flash:
-            return SequenceLayout(PACKED_FLAT, f"{attn_implementation} reads the boundaries from the position ids")
-        return SequenceLayout(PACKED_ROWS, f"{attn_implementation}: one block-diagonal mask per packed row")
+            return SequenceLayout(PACKED_FLAT, f"{attn} reads the boundaries from the position ids", False, attn)
+        return SequenceLayout(PACKED_ROWS, f"{attn}: one block-diagonal mask per packed row", False, attn)
     layers = describe_recurrent_layers(recurrent, len(layer_types(config)))
     missing = missing_varlen_kernels() if missing_kernels is None else missing_kernels
     if not flash and "flash-attn" not in missing:
-        missing = [*missing, f"attn_implementation flash_attention_2 (not {attn_implementation})"]
+        missing = [*missing, f"attn_implementation flash_attention_2 (not {attn})"]
     if not missing:
-        return SequenceLayout(PACKED_FLAT_VARLEN, f"{layers}: each boundary is passed to every mixer")
+        return SequenceLayout(PACKED_FLAT_VARLEN, f"{layers}: each boundary is passed to every mixer", False, attn)
     return SequenceLayout(
         PADDED,
         f"{layers}, whose state and conv window would run from one packed conversation into the next; packing them "
         f"exactly needs {', '.join(missing)} (pip install -r requirements-gpu.txt on a CUDA machine), so each "
         "conversation trains in a row of its own (dynamic padding)",
-        fallback=True,
+        True,
+        attn,
     )
 
 
@@ -114,7 +174,7 @@ def check_layout_fits_model(layout: SequenceLayout, recurrent_modules: list[str]
     llmtrain.errors.ConfigError: packing: the model has recurrent token mixers (model.layers.0.mixer) that its \
 config's layer_types do not declare; packed conversations would leak into each other through them: set packing: false
     """
-    if layout.name in (PACKED_ROWS, PACKED_FLAT) and recurrent_modules:
+    if layout.name not in (PADDED, PACKED_FLAT_VARLEN) and recurrent_modules:
         shown = ", ".join(recurrent_modules[:3]) + (", ..." if len(recurrent_modules) > 3 else "")
         raise ConfigError(
             f"packing: the model has recurrent token mixers ({shown}) that its config's layer_types do not declare; "
@@ -125,9 +185,12 @@ config's layer_types do not declare; packed conversations would leak into each o
 def collator_for(layout: SequenceLayout, pad_token_id: int) -> Any:
     """The collator that builds ``layout``'s micro-batches.
 
-    >>> [type(collator_for(SequenceLayout(name, ""), 0)).__name__ for name in (PADDED, PACKED_ROWS, PACKED_FLAT_VARLEN)]
-    ['PaddingCollator', 'PackedRowsCollator', 'FlatPackedCollator']
+    >>> [type(collator_for(SequenceLayout(name, ""), 0)).__name__
+    ...  for name in (PADDED, PACKED_ROWS, PACKED_FLAT_VARLEN, PACKED_TREES)]
+    ['PaddingCollator', 'PackedRowsCollator', 'FlatPackedCollator', 'TreeRowsCollator']
     """
+    if layout.trees:
+        return TreeRowsCollator(pad_token_id, additive=layout.attn_implementation == "eager")
     if layout.name == PADDED:
         return PaddingCollator(pad_token_id)
     if layout.name == PACKED_ROWS:
@@ -239,10 +302,45 @@ class FlatPackedCollator:
         return batch
 
 
+@dataclass
+class TreeRowsCollator:
+    """Rows of prefix trees (:mod:`llmtrain.data.prefix_tree`) padded to the longest, each with its ancestor mask.
+
+    ``position_ids`` are the trees' depths (a row without them is a chain: 0, 1, 2, ...); padding forms
+    one more chain that no real token sees.
+    The batch carries a 4-D ``attention_mask`` ``[rows, 1, L, L]`` (boolean for sdpa; with
+    ``additive``, 0 / the dtype's minimum, as eager attention adds it), which transformers uses as
+    it is, and ``shift_labels``: what each position predicts (its supervised child's token), since
+    after a branch the next flattened token belongs to another row. Mask memory is rows x L².
+
+    >>> tree = {"input_ids": [1, 2, 3, 5], "labels": [-100, -100, 3, -100], "position_ids": [0, 1, 2, 2]}
+    >>> chain = {"input_ids": [7, 8], "labels": [-100, 8], "position_ids": [0, 1]}
+    >>> batch = TreeRowsCollator(pad_token_id=0)([tree, chain])
+    >>> batch["shift_labels"].tolist(), batch["attention_mask"][1, 0].int().tolist()
+    ([[-100, 3, -100, -100], [8, -100, -100, -100]], [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+    """
+
+    pad_token_id: int
+    additive: bool = False
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        chains = [f if "position_ids" in f else {**f, "position_ids": range(len(f["input_ids"]))} for f in features]
+        batch = PackedRowsCollator(self.pad_token_id)(chains)
+        masks, shifted = [], []
+        for labels, depths in zip(batch["labels"], batch["position_ids"], strict=True):
+            masks.append(ancestor_mask(depths))
+            shifted.append(tree_shift_labels(labels, depths))
+        mask = torch.stack(masks)[:, None]
+        if self.additive:
+            mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        return {**batch, "attention_mask": mask, "shift_labels": torch.stack(shifted)}
+
+
 def check_collated_batch(batch: dict[str, torch.Tensor]) -> None:
     """Refuse a collated batch in which padding, or a sample's first token, carries a label."""
     labels = batch["labels"]
-    if "attention_mask" in batch and (labels[batch["attention_mask"] == 0] != IGNORE_INDEX).any():
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and (labels[mask == 0] != IGNORE_INDEX).any():
         raise DataError("a padding position carries a label; refusing to train")
     if "position_ids" in batch and (labels[batch["position_ids"] == 0] != IGNORE_INDEX).any():
         raise DataError("a packed sample's first token carries a label (it would be predicted across samples)")

@@ -4,9 +4,12 @@ The one reader of pretraining text: memory is bounded by the longest line (a ``.
 ``.txt`` read as one ``document`` are parsed whole), never by the corpus. Supported::
 
     .jsonl  .jsonl.gz  .jsonl.zst     one JSON object per line, the text in ``text_field``
-    .json                             JSON lines, or an array of objects
+    .json   .json.gz   .json.zst      JSON lines, or an array of objects
     .txt    .txt.gz    .txt.zst       split by ``txt_sample_by``: line, paragraph (blank-line separated), document
     .parquet                          the ``text_field`` column, read one record batch at a time
+
+Suffixes are matched case-insensitively (``part3.JSONL``, ``e.jsonl.GZ``); :data:`DOCUMENT_FILES` is
+the rule, which folder scans use too.
 
 Each document is yielded as ``(where, text)``; ``where`` is ``path:LINE`` (``path: record N`` in a
 ``.json`` array, ``path: row N`` in parquet). A record without the field, with a non-string in it,
@@ -21,31 +24,28 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmtrain.data.records import COMPRESSIONS, decode_line, iter_json_records, open_binary, read_errors_named
+from llmtrain.data.records import FileTypes, decode_line, iter_json_records, open_binary, read_errors_named
 from llmtrain.errors import DataError
 
-DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-# Compression is offered for the formats read line by line (a .json array or parquet is read whole or by column).
-COMPRESSIBLE = (".jsonl", ".txt")
+# Parquet is read by column from its own footer, so it has no compressed form here (it compresses inside).
+DOCUMENT_FILES = FileTypes("pretraining data", (".jsonl", ".json", ".txt", ".parquet"), (".jsonl", ".json", ".txt"))
 PARQUET_BATCH_ROWS = 1024
 
 
 def data_suffix(path: Path) -> str:
     """The data format of ``path`` ignoring a compression suffix; "" when it is no supported data file.
 
-    >>> data_suffix(Path("web/part-0.jsonl.zst")), data_suffix(Path("a.parquet")), data_suffix(Path("a.json.gz"))
-    ('.jsonl', '.parquet', '')
+    >>> data_suffix(Path("web/part-0.jsonl.zst")), data_suffix(Path("A.PARQUET")), data_suffix(Path("a.json.GZ"))
+    ('.jsonl', '.parquet', '.json')
+    >>> data_suffix(Path("a.parquet.gz")), data_suffix(Path("notes.md"))
+    ('', '')
     """
-    suffixes = path.suffixes[-2:]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        return suffixes[0] if len(suffixes) == 2 and suffixes[0] in COMPRESSIBLE else ""
-    return path.suffix if path.suffix in DATA_SUFFIXES else ""
+    return DOCUMENT_FILES.format_of(path)
 
 
 def supported_names() -> str:
     """The supported file names, for error messages."""
-    compressed = [f"{suffix}{compression}" for suffix in COMPRESSIBLE for compression in COMPRESSIONS]
-    return ", ".join([*DATA_SUFFIXES, *compressed])
+    return DOCUMENT_FILES.names()
 
 
 def iter_documents(path: Path, text_field: str = "text", txt_sample_by: str = "line") -> Iterator[tuple[str, str]]:

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import PretrainDataArguments
 from llmtrain.config.sources import parse_sources
-from llmtrain.data.cache import PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import CheckSources, PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
 from llmtrain.data.documents import iter_documents
 from llmtrain.data.files import VALIDATION_SPLIT_SEED
 from llmtrain.data.sources import WeightedBlocks
@@ -220,13 +220,16 @@ PREPROCESSING_CODE_VERSION = cache_key(
 )
 
 
-def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+def prepare_pretrain_data(
+    data_args: PretrainDataArguments, tokenizer: PreTrainedTokenizerBase, check_sources: CheckSources | None = None
+) -> PreparedData:
     """Load the token stores for this run, building them first if they do not exist yet.
 
     With ``tokenized_path`` set and present, the raw files are not read at all. Otherwise the
     stores live in ``dataset_cache_dir`` under a key of (data files with sizes and mtimes,
     split settings, tokenizer, preprocessing code version); the block size is not part of the key:
-    blocks are windows of the stream, cut at load time.
+    blocks are windows of the stream, cut at load time. ``check_sources`` (a resume's data
+    identity check) runs before anything is written (:func:`~llmtrain.data.cache.load_or_build`).
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; pretraining needs one between documents")
@@ -245,7 +248,7 @@ def prepare_pretrain_data(data_args: PretrainDataArguments, tokenizer: PreTraine
     def load(path: Path) -> tuple[TokenBlocks | WeightedBlocks, TokenBlocks | None]:
         return load_blocks(path, data_args.block_size, weights or None)
 
-    prepared = load_or_build(location, compat, build, load, "tokenized_path")
+    prepared = load_or_build(location, compat, build, load, "tokenized_path", check_sources)
     check_blocks(prepared, data_args.block_size, [source.name for source in sources])
     stats = prepared.metadata["stats"]
     eval_blocks = len(prepared.eval) if prepared.eval is not None else 0
@@ -395,4 +398,12 @@ def build_token_stores(
             f"validation_split_percentage={data_args.validation_split_percentage} leaves no validation documents "
             f"out of {stats['documents']}; raise it, give validation_files, or set it to 0"
         )
+    for index, destination in enumerate(destinations):  # refused here, so the empty stores are not kept
+        if tokens[destination] == 0:
+            field_name = "validation data" if destination == "validation" else "train_files"
+            source = f"source {index + 1} of {len(trains)}: " if len(trains) > 1 and destination in trains else ""
+            raise DataError(
+                f"{field_name}: {source}{documents[destination]} documents make no full block: every one is blank "
+                "(nothing to train on); add text"
+            )
     return stats

@@ -11,7 +11,8 @@ A ``.jsonl`` file, and a ``.json`` file that does not start with ``[`` (``datase
 as JSON lines too), yields one record per non-blank line, located as ``path:LINE``. A ``.json``
 array yields its elements, located as ``path: record N``. A leading UTF-8 byte-order mark is
 ignored. Lines are split on ``\\n`` only: ``str.splitlines`` would also split at U+2028, which JSON
-strings may hold unescaped.
+strings may hold unescaped. Any of them may be compressed (``.gz``, ``.zst``: decompressed on the
+fly); suffixes are matched case-insensitively (:class:`FileTypes` is a reader's rule for names).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gzip
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,55 @@ JSON_SUFFIXES = (".jsonl", ".json")
 COMPRESSIONS = (".gz", ".zst")  # read line by line, decompressed on the fly
 
 
+def name_suffixes(path: Path) -> tuple[str, str]:
+    """The format suffix and the compression suffix of ``path``'s name, lower-cased ("" where there is none).
+
+    >>> name_suffixes(Path("e.jsonl.GZ")), name_suffixes(Path("part3.JSONL")), name_suffixes(Path("x.zst"))
+    (('.jsonl', '.gz'), ('.jsonl', ''), ('', '.zst'))
+    """
+    suffixes = [suffix.lower() for suffix in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[0] if len(suffixes) == 2 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), ""
+
+
+@dataclass(frozen=True)
+class FileTypes:
+    """The data files one reader takes, decided by name alone (case-insensitively): its formats, plain or compressed.
+
+    The one rule for a stage's files: its reader refuses other names, and a folder scan takes
+    exactly these (:func:`llmtrain.data.files.resolve_data_files`).
+
+    >>> conversations = FileTypes("conversation", (".jsonl", ".json"), compressible=(".jsonl", ".json"))
+    >>> [conversations.format_of(Path(n)) for n in ("a.JSONL", "d.json.gz", "e.Jsonl.GZ", "n.txt", "x.gz")]
+    ['.jsonl', '.json', '.jsonl', '', '']
+    >>> conversations.names()
+    '.jsonl, .json, .jsonl.gz, .jsonl.zst, .json.gz, .json.zst'
+    """
+
+    what: str  # names the files in messages: "conversation", "pretraining data"
+    formats: tuple[str, ...]
+    compressible: tuple[str, ...]  # the formats also read as .gz / .zst (streamed, or for an array, read whole)
+
+    def format_of(self, path: Path) -> str:
+        """The format of ``path`` (".jsonl", ...), or "" when this reader does not take it."""
+        fmt, compression = name_suffixes(path)
+        return fmt if fmt in (self.compressible if compression else self.formats) else ""
+
+    def names(self) -> str:
+        """Every name this reader takes, for messages."""
+        compressed = [f"{fmt}{compression}" for fmt in self.compressible for compression in COMPRESSIONS]
+        return ", ".join([*self.formats, *compressed])
+
+
 @contextlib.contextmanager
 def open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
-    """``path`` opened for reading bytes, decompressed on the fly for ``.gz`` and ``.zst``."""
-    if path.suffix == ".gz":
+    """``path`` opened for reading bytes, decompressed on the fly for ``.gz`` and ``.zst`` (any case)."""
+    compression = name_suffixes(path)[1]
+    if compression == ".gz":
         with gzip.open(path, "rb") as stream:
             yield stream
-    elif path.suffix == ".zst":
+    elif compression == ".zst":
         with path.open("rb") as raw:
             yield io.BufferedReader(ZstdReader(raw), buffer_size=1 << 20)
     else:
@@ -106,10 +150,13 @@ ARRAY_PROBE_BYTES = 64  # enough to see past a BOM and leading whitespace to a `
 
 
 def is_json_array(path: Path) -> bool:
-    """True for a ``.json`` file whose first non-blank character is ``[``."""
-    if path.suffix != ".json":
+    """True for a ``.json`` file (also ``.json.gz`` / ``.json.zst``, any case) whose first non-blank character is ``[``.
+
+    Raises :class:`DataError` naming ``path`` when it cannot be read or decompressed.
+    """
+    if name_suffixes(path)[0] != ".json":
         return False
-    with path.open("rb") as stream:
+    with read_errors_named(path), open_binary(path) as stream:
         start = stream.read(ARRAY_PROBE_BYTES).removeprefix(UTF8_BOM).lstrip()
     return start[:1] == b"["
 
@@ -186,9 +233,11 @@ def first_json_record(path: Path, max_bytes: int) -> tuple[str, object] | None:
     valid UTF-8 / JSON.
     """
     if is_json_array(path):
-        return _first_array_record(path, max_bytes)
-    for found in _line_records(path, budget_bytes=max_bytes):
-        return found
+        with read_errors_named(path):
+            return _first_array_record(path, max_bytes)
+    with read_errors_named(path):
+        for found in _line_records(path, budget_bytes=max_bytes):
+            return found
     raise DataError(f"{path}: the file holds no records")
 
 
@@ -221,7 +270,8 @@ def _line_records(
 
 
 def _array_records(path: Path) -> Iterator[tuple[str, object]]:
-    raw = path.read_bytes().removeprefix(UTF8_BOM)
+    with open_binary(path) as stream:
+        raw = stream.read().removeprefix(UTF8_BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -237,7 +287,7 @@ def _array_records(path: Path) -> Iterator[tuple[str, object]]:
 
 def _first_array_record(path: Path, max_bytes: int) -> tuple[str, object] | None:
     """The first element of a ``.json`` array, parsed from the file's first ``max_bytes`` only."""
-    with path.open("rb") as stream:
+    with open_binary(path) as stream:
         head = stream.read(max_bytes)
     complete = len(head) < max_bytes
     try:  # a cut-off read may end inside a multi-byte character

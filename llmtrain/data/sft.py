@@ -9,23 +9,28 @@ skipped, and stores the result where :mod:`llmtrain.data.cache` keys it.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
+import math
+import os
+import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pyarrow.compute as pc
+import numpy as np
+from torchdata.nodes import IterableWrapper, Loader, Mapper, ParallelMapper
 from transformers import PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import SFTDataArguments
 from llmtrain.data.cache import (
+    CheckSources,
     PreparedData,
     RawFiles,
     cache_key,
-    load_arrow_splits,
     load_or_build,
     locate_prepared_data,
 )
@@ -38,16 +43,28 @@ from llmtrain.data.chat_masks import (
     supervised_char_spans,
 )
 from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY, SequenceLayout
-from llmtrain.data.conversations import read_conversation_files
-from llmtrain.data.files import VALIDATION_SPLIT_SEED, train_validation_splits
-from llmtrain.data.fitting import drop_trailing_user_turns, fit_conversation, pack_batch
+from llmtrain.data.conversations import (
+    IgnoredFields,
+    InvalidRecords,
+    Message,
+    check_invalid_share,
+    describe_invalid_records,
+    iter_conversations,
+)
+from llmtrain.data.files import VALIDATION_SPLIT_SEED
+from llmtrain.data.fitting import drop_trailing_user_turns, fit_conversation
+from llmtrain.data.prefix_tree import tree_samples
 from llmtrain.data.pretrain import tokenizer_fingerprint
-from llmtrain.errors import DataError, InvalidRecord
+from llmtrain.data.sft_rows import EncodedRows, SftRows, SftRowsWriter, open_rows, pack_order, pack_split
+from llmtrain.errors import DataError, UserInputError
 from llmtrain.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-INVALID_LOCATIONS_SHOWN = 5  # first bad records named in the log and the manifest
+# Conversations per task of a prepare worker: enough to amortise the hand-off between processes, few
+# enough that a batch of long conversations stays small in memory.
+ENCODE_BATCH = 64
+PROGRESS_EVERY_S = 30.0  # the longest silence while a large set is encoded
 
 
 def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -56,19 +73,25 @@ def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def prepare_sft_data(
-    data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase, layout: SequenceLayout | None = None
+    data_args: SFTDataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: SequenceLayout | None = None,
+    check_sources: CheckSources | None = None,
 ) -> PreparedData:
-    """Load the encoded SFT dataset for this run, building (and checking) it first if needed.
+    """Load the encoded SFT rows for this run, building (and checking) them first if needed.
 
     ``layout`` (:func:`llmtrain.data.collate.choose_layout`) says whether the rows are packed, and is
     recorded in the metadata (so in the run manifest); without it ``data_args.packing`` decides. A
     model whose mixers cannot be packed here trains a packing run on per-conversation rows.
+    ``check_sources`` (a resume's data identity check) runs before anything is written.
     """
-    end_of_turn_id = check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)
+    check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)  # before anything is read
     packed = data_args.packing if layout is None else layout.packed
+    trees = layout is not None and layout.trees
     compat = {
         "max_seq_length": data_args.max_seq_length,
         "packing": packed,
+        "share_prefixes": trees,
         "train_on_last_turn_only": data_args.train_on_last_turn_only,
         "truncation_strategy": data_args.truncation_strategy,
         "default_system_prompt": data_args.default_system_prompt,
@@ -82,19 +105,22 @@ def prepare_sft_data(
     location = locate_prepared_data(data_args, compat, "sft", {})
 
     def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
-        splits, stats = _build(data_args, tokenizer, raw.train_files, raw.validation_files, end_of_turn_id, packed)
-        splits.save_to_disk(str(staging))
-        return stats
+        return build_sft_rows(data_args, tokenizer, raw.train_files, raw.validation_files, staging, packed, trees)
 
-    prepared = load_or_build(location, compat, build, load_arrow_splits, "tokenized_path")
-    if layout is not None:
-        prepared.metadata[SEQUENCE_LAYOUT_KEY] = {"name": layout.name, "reason": layout.reason}
+    prepared = load_or_build(location, compat, build, load_sft_rows, "tokenized_path", check_sources)
     stats = prepared.metadata["stats"]
+    if layout is not None:
+        settled = layout.settled(stats.get("trees", 0))
+        # "chosen" is what a resume compares: the choice before the data said whether it holds trees.
+        prepared.metadata[SEQUENCE_LAYOUT_KEY] = {"name": settled.name, "chosen": layout.name, "reason": settled.reason}
+    unit = "packed rows" if packed else "rows"
     logger.info(
-        "SFT data: %d train rows, %d eval rows; %d conversations kept (%d trained in extra rows: %d tokens), "
+        "SFT data: %d train %s, %d eval %s; %d conversations kept (%d trained in extra rows: %d tokens), "
         "dropped %s, %d truncated (%d turns removed); supervised share %.1f%% (%s)",
         len(prepared.train),
+        unit,
         len(prepared.eval) if prepared.eval is not None else 0,
+        unit,
         stats["kept"],
         stats.get("expanded_conversations", 0),
         stats.get("extra_tokens", 0),
@@ -104,127 +130,14 @@ def prepare_sft_data(
         100 * stats["supervised_share"],
         prepared.path,
     )
-    logger.info("encoded sample (supervised spans in [[ ]]):\n%s", stats["preview"])
-    if stats.get("invalid_records", {}).get("skipped"):
-        logger.warning("%s", describe_invalid_records(stats["invalid_records"]))
-    return prepared
-
-
-def _build(
-    data_args: SFTDataArguments,
-    tokenizer: PreTrainedTokenizerBase,
-    train_files: list[Path],
-    validation_files: list[Path],
-    end_of_turn_id: int,
-    packed: bool,
-) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    skipped: list[InvalidRecord] | None = [] if data_args.invalid_records == "skip" else None
-    conversations = read_conversation_files(train_files, data_args.default_system_prompt, skipped)
-    validation = (
-        read_conversation_files(validation_files, data_args.default_system_prompt, skipped)
-        if validation_files
-        else None
-    )
-    splits = train_validation_splits(conversations, validation, data_args.validation_split_percentage, "conversations")
-
-    stats: dict[str, Any] = {"conversations": sum(len(split) for split in splits.values())}
-    if skipped is not None:
-        stats["invalid_records"] = invalid_record_stats(skipped, stats["conversations"] + len(skipped))
-        check_invalid_share(stats["invalid_records"], data_args.max_invalid_share)
-    encoded_splits = {}
-    for name, split in splits.items():
-        encoded = split.map(
-            _encode_batch,
-            fn_kwargs={"tokenizer": tokenizer, "data_args": data_args},
-            batched=True,
-            batch_size=100,
-            remove_columns=split.column_names,
-            num_proc=data_args.preprocessing_num_workers,
-            desc=f"encode {name} conversations",
-        )
-        reasons = pc.value_counts(encoded.data.column("drop_reason")).to_pylist()
-        dropped = {item["values"]: item["counts"] for item in reasons if item["values"]}
-        stats.setdefault("dropped", {})
-        for reason, count in dropped.items():
-            stats["dropped"][reason] = stats["dropped"].get(reason, 0) + count
-        dropped_turns = encoded.data.column("dropped_turns")
-        stats["dropped_turns"] = stats.get("dropped_turns", 0) + int(pc.sum(dropped_turns).as_py() or 0)
-        trailing = int(pc.sum(encoded.data.column("trailing_user_turns")).as_py() or 0)
-        stats["trailing_user_turns_removed"] = stats.get("trailing_user_turns_removed", 0) + trailing
-        truncated = pc.sum(pc.and_(pc.greater(dropped_turns, 0), pc.equal(encoded.data.column("drop_reason"), "")))
-        stats["truncated_samples"] = stats.get("truncated_samples", 0) + int(truncated.as_py() or 0)
-        encoded = encoded.filter(lambda reason: reason == "", input_columns="drop_reason")
-        if name == "train":
-            stats.update(_expansion_stats(encoded))
-        encoded_splits[name] = encoded.remove_columns(
-            ["drop_reason", "dropped_turns", "trailing_user_turns", "expanded_rows", "extra_row"]
-        )
-        if len(encoded_splits[name]) == 0:
-            raise DataError(
-                f"{'train_files' if name == 'train' else 'validation data'}: no conversation is left to train on "
-                f"after the length policy and mask check (dropped: {dropped or 'none'}, "
-                f"max_seq_length={data_args.max_seq_length})"
-            )
-    train = encoded_splits["train"]
-    stats.update(check_masks(train, end_of_turn_id))
-    stats["preview"] = preview(train[0]["input_ids"], train[0]["labels"], tokenizer)
-    if packed:
-        for name, split in encoded_splits.items():
-            encoded_splits[name] = split.shuffle(seed=VALIDATION_SPLIT_SEED).map(
-                pack_batch,
-                fn_kwargs={"max_length": data_args.max_seq_length},
-                batched=True,
-                batch_size=1000,
-                remove_columns=split.column_names,
-                desc=f"pack {name}",
-            )
-    return datasets.DatasetDict(encoded_splits), stats
-
-
-def _encode_batch(
-    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, data_args: SFTDataArguments
-) -> dict[str, list[Any]]:
-    """``datasets.map`` (batched): conversations -> their training rows, with what the counts need.
-
-    A conversation's first row carries its ``dropped_turns`` and ``expanded_rows`` (rows beyond
-    one); ``extra_row`` marks those beyond one. A dropped conversation keeps one empty row, for the counts.
-    """
-    columns = (
-        "input_ids",
-        "labels",
-        "dropped_turns",
-        "trailing_user_turns",
-        "drop_reason",
-        "expanded_rows",
-        "extra_row",
-    )
-    out: dict[str, list[Any]] = {column: [] for column in columns}
-    for messages, source in zip(batch["messages"], batch["source"], strict=True):
-        fitted = fit_conversation(messages, tokenizer, data_args, source)
-        rows = fitted["rows"] or [{"input_ids": [], "labels": []}]
-        for position, row in enumerate(rows):
-            out["input_ids"].append(row["input_ids"])
-            out["labels"].append(row["labels"])
-            out["dropped_turns"].append(fitted["dropped_turns"] if position == 0 else 0)
-            out["trailing_user_turns"].append(fitted["trailing_user_turns"] if position == 0 else 0)
-            out["drop_reason"].append(fitted["drop_reason"])
-            out["expanded_rows"].append(len(rows) - 1 if position == 0 else 0)
-            out["extra_row"].append(position < len(rows) - 1)
-    return out
-
-
-def _expansion_stats(encoded: datasets.Dataset) -> dict[str, int]:
-    """Kept conversations, and what training every turn in its inference context cost (see supervised_char_spans)."""
-    extra = encoded.data.column("extra_row")
-    lengths = pc.list_value_length(encoded.data.column("input_ids"))
-    expanded = pc.sum(pc.greater(encoded.data.column("expanded_rows"), 0)).as_py() or 0
-    stats = {
-        "kept": len(encoded) - int(pc.sum(extra).as_py() or 0),
-        "expanded_conversations": int(expanded),
-        "extra_rows": int(pc.sum(encoded.data.column("expanded_rows")).as_py() or 0),
-        "extra_tokens": int(pc.sum(pc.filter(lengths, extra)).as_py() or 0),
-    }
-    if stats["expanded_conversations"]:
+    if stats.get("trees"):
+        logger.info(
+            "prefix sharing: %d conversation(s)' %d rows train as %d prefix tree(s): %d tokens per epoch instead of %d "
+            "(%.1f%% of the repeated history removed)",
+            stats["shared_conversations"], stats["tree_rows"], stats["trees"], stats["tokens"],
+            stats["tokens_without_sharing"], 100 * stats["history_removed_share"],
+        )  # fmt: skip
+    if stats.get("expanded_conversations"):
         logger.info(
             "%d conversation(s) rendered earlier assistant turns differently as history (the chat template is not "
             "prefix-stable): %d extra row(s), %d extra tokens, so each turn is trained in its inference context",
@@ -232,63 +145,335 @@ def _expansion_stats(encoded: datasets.Dataset) -> dict[str, int]:
             stats["extra_rows"],
             stats["extra_tokens"],
         )
+    logger.info("encoded sample (supervised spans in [[ ]]):\n%s", stats["preview"])
+    if stats.get("invalid_records", {}).get("skipped"):
+        logger.warning("%s", describe_invalid_records(stats["invalid_records"]))
+    return prepared
+
+
+def load_sft_rows(path: Path) -> tuple[SftRows, SftRows | None]:
+    """The train (and validation) examples of prepared SFT rows at ``path`` (a :data:`~llmtrain.data.cache.Load`)."""
+    validation = SftRows(open_rows(path / "validation")) if (path / "validation").is_dir() else None
+    return SftRows(open_rows(path / "train")), validation
+
+
+@dataclass
+class SplitCounts:
+    """What encoding one split's conversations kept, dropped and cost: summed batch by batch, bounded memory."""
+
+    conversations: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    dropped_turns: int = 0
+    trailing_user_turns: int = 0
+    truncated: int = 0  # kept conversations that lost turns
+    kept: int = 0
+    expanded_conversations: int = 0  # kept conversations with more than one row (see supervised_char_spans)
+    extra_rows: int = 0
+    extra_tokens: int = 0
+    rows: int = 0  # training samples: rows, and prefix trees of several rows
+    tokens: int = 0  # trained per epoch
+    tokens_without_sharing: int = 0  # as per-turn rows: the prefix trees' rows counted in full
+    trees: int = 0
+    tree_rows: int = 0  # rows trained inside prefix trees
+    shared_conversations: int = 0  # conversations with at least one prefix tree
+    supervised_tokens: int = 0
+    end_of_turn_supervised: int = 0
+
+    def add_row(self, labels: Sequence[int], end_of_turn_id: int) -> None:
+        """Count one kept sample's tokens, supervised tokens and supervised end-of-turn tokens."""
+        array = np.asarray(labels)
+        self.rows += 1
+        self.tokens += len(array)
+        self.supervised_tokens += int((array != IGNORE_INDEX).sum())
+        self.end_of_turn_supervised += int((array == end_of_turn_id).sum())
+
+    def add(self, other: SplitCounts) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(other, name)
+            if isinstance(value, Counter):
+                getattr(self, name).update(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class ConversationBatch:
+    """Conversations on their way to an encoder: ``(messages, source)`` and the split each goes to."""
+
+    conversations: list[tuple[list[Message], str]] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch's rows per split (ids and labels), its counts per split, or the bad input that stopped it."""
+
+    rows: dict[str, EncodedRows] = field(default_factory=dict)
+    counts: dict[str, SplitCounts] = field(default_factory=dict)
+    failure: UserInputError | None = None
+
+
+class ConversationEncoder:
+    """The map function the prepare workers run: a :class:`ConversationBatch` -> an :class:`EncodedBatch`.
+
+    Each conversation goes through the length policy (:func:`~llmtrain.data.fitting.fit_conversation`);
+    its rows, or the reason it was dropped, are counted for its split.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, data_args: SFTDataArguments, end_of_turn_id: int, trees: bool
+    ) -> None:
+        """``trees``: a conversation's rows that share prefixes become prefix trees (:func:`tree_samples`)."""
+        self.tokenizer = tokenizer
+        self.data_args = data_args
+        self.end_of_turn_id = end_of_turn_id
+        self.trees = trees
+
+    def __call__(self, batch: ConversationBatch | UserInputError) -> EncodedBatch:
+        if isinstance(batch, UserInputError):
+            return EncodedBatch(failure=batch)
+        encoded = EncodedBatch()
+        samples: dict[str, list[dict[str, list[int]]]] = {}
+        try:
+            for (messages, source), split in zip(batch.conversations, batch.splits, strict=True):
+                self._encode(messages, source, samples.setdefault(split, []),
+                             encoded.counts.setdefault(split, SplitCounts()))  # fmt: skip
+        except UserInputError as error:
+            return EncodedBatch(failure=error)
+        encoded.rows = {
+            split: EncodedRows.of([sample["input_ids"] for sample in split_samples],
+                                  [sample["labels"] for sample in split_samples],
+                                  [sample.get("position_ids") for sample in split_samples])
+            for split, split_samples in samples.items()
+        }  # fmt: skip
+        return encoded
+
+    def _encode(
+        self, messages: list[Message], source: str, samples: list[dict[str, list[int]]], counts: SplitCounts
+    ) -> None:
+        fitted = fit_conversation(messages, self.tokenizer, self.data_args, source)
+        counts.conversations += 1
+        counts.dropped_turns += fitted["dropped_turns"]
+        counts.trailing_user_turns += fitted["trailing_user_turns"]
+        if fitted["drop_reason"]:
+            counts.dropped[fitted["drop_reason"]] += 1
+            return
+        counts.kept += 1
+        counts.truncated += fitted["dropped_turns"] > 0
+        encoded = fitted["rows"]
+        counts.expanded_conversations += len(encoded) > 1
+        counts.extra_rows += len(encoded) - 1
+        counts.extra_tokens += sum(len(row["input_ids"]) for row in encoded[:-1])
+        counts.tokens_without_sharing += sum(len(row["input_ids"]) for row in encoded)
+        shared = tree_samples(encoded, self.data_args.max_seq_length) if self.trees and len(encoded) > 1 else encoded
+        trees = [sample for sample in shared if "position_ids" in sample]
+        counts.trees += len(trees)
+        counts.tree_rows += len(encoded) - (len(shared) - len(trees))  # the rows not left as rows
+        counts.shared_conversations += bool(trees)
+        for sample in shared:
+            counts.add_row(sample["labels"], self.end_of_turn_id)
+            samples.append(sample)
+
+
+def held_out_records(count: int, percentage: float) -> np.ndarray:
+    """Which of ``count`` records are held out: ``ceil(percentage% x count)`` of them, by a fixed-seed permutation.
+
+    The same records as ``datasets``' ``train_test_split(test_size, seed=VALIDATION_SPLIT_SEED)``
+    holds out, as a mask in file order (``count`` bytes), so the stream never needs the records at once.
+
+    >>> held_out_records(10, 20.0).nonzero()[0].tolist()
+    [0, 3]
+    """
+    held = np.zeros(count, dtype=bool)
+    if percentage <= 0:
+        return held
+    test = math.ceil(percentage / 100 * count)
+    if test >= count:
+        raise DataError(
+            f"validation_split_percentage={percentage} leaves no train conversations out of {count}: lower it, "
+            "or give validation_files"
+        )
+    held[np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(count)[:test]] = True
+    return held
+
+
+def build_sft_rows(
+    data_args: SFTDataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    train_files: Sequence[Path],
+    validation_files: Sequence[Path],
+    staging: Path,
+    packed: bool,
+    trees: bool = False,
+) -> dict[str, Any]:
+    """Encode every conversation once into ``staging/train`` (and ``staging/validation``); returns the counts.
+
+    Two streaming passes over the files, memory bounded by a few batches whatever the data size:
+    the first reads and checks every record (invalid ones counted or refused by ``invalid_records``)
+    and counts them, which fixes the held-out conversations; the second encodes batches of
+    conversations in ``preprocessing_num_workers`` processes (torchdata's ``ParallelMapper``, in
+    order) and appends their rows to the split's :class:`~llmtrain.data.sft_rows.SftRowsWriter`.
+    Progress (conversations per second) is logged at least every :data:`PROGRESS_EVERY_S` seconds.
+    Packed splits are then packed from the row lengths alone. With ``trees``, a conversation's rows
+    that share prefixes are stored as prefix trees (:func:`~llmtrain.data.prefix_tree.tree_samples`).
+    """
+    end_of_turn_id = check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)
+    skip = data_args.invalid_records == "skip"
+    invalid = InvalidRecords() if skip else None
+    ignored = IgnoredFields()  # fields no conversation trains on: one warning, and counted in the stats
+    system = data_args.default_system_prompt
+    train_count = sum(1 for _ in iter_conversations(train_files, system, invalid, ignored))
+    validation_count = sum(1 for _ in iter_conversations(validation_files, system, invalid, ignored))
+    if not train_count:
+        raise DataError("train_files: no valid conversation in the files given")
+    ignored.warn()
+    stats: dict[str, Any] = {"conversations": train_count + validation_count, "ignored_fields": ignored.stats()}
+    if invalid is not None:
+        stats["invalid_records"] = invalid.stats(stats["conversations"] + len(invalid))
+        check_invalid_share(stats["invalid_records"], data_args.max_invalid_share)
+    holdout = held_out_records(train_count, 0.0 if validation_files else data_args.validation_split_percentage)
+    splits = ["train", *(["validation"] if validation_files or holdout.any() else [])]
+    max_position = data_args.max_seq_length if trees else None
+    writers = {split: SftRowsWriter(staging / split, len(tokenizer), max_position) for split in splits}
+    counts = {split: SplitCounts() for split in splits}
+    encoder = ConversationEncoder(tokenizer, data_args, end_of_turn_id, trees)
+    batches = IterableWrapper(_batches(train_files, validation_files, holdout, data_args, skip))
+    workers = data_args.preprocessing_num_workers or 0
+    if workers > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one core; no threads per worker on top
+        node: Any = ParallelMapper(batches, encoder, num_workers=workers, in_order=True, method="process",
+                                   max_concurrent=workers)  # fmt: skip
+    else:
+        node = Mapper(batches, encoder)
+    loader = Loader(node)
+    progress = Progress(stats["conversations"])
+    try:
+        for result in loader:
+            if result.failure is not None:
+                raise result.failure
+            for split, rows in result.rows.items():
+                writers[split].add(rows)
+            for split, split_counts in result.counts.items():
+                counts[split].add(split_counts)
+                progress.advance(split_counts.conversations)
+    finally:
+        del loader, node  # stop the workers now, while the interpreter is whole
+        gc.collect()
+    for writer in writers.values():
+        writer.close()
+    for split, split_counts in counts.items():
+        if split_counts.rows == 0:
+            raise DataError(
+                f"{'train_files' if split == 'train' else 'validation data'}: no conversation is left to train on "
+                f"after the length policy and mask check (dropped: {dict(split_counts.dropped) or 'none'}, "
+                f"max_seq_length={data_args.max_seq_length})"
+            )
+    stats.update(_counts_stats(counts))
+    stats.update(check_masks(counts["train"], end_of_turn_id))
+    first = SftRows(open_rows(staging / "train")).row(0)
+    stats["preview"] = preview(first["input_ids"], first["labels"], tokenizer)
+    if packed:
+        for split in splits:
+            stats[f"{split}_packed_rows"] = pack_split(staging / split, data_args.max_seq_length, VALIDATION_SPLIT_SEED)
     return stats
 
 
-def invalid_record_stats(skipped: Sequence[InvalidRecord], records: int) -> dict[str, Any]:
-    """What ``invalid_records: skip`` left out: counts by reason and the first few locations.
-
-    >>> stats = invalid_record_stats([InvalidRecord("a.jsonl:3", "no_content", "turn 2 (gpt) has no content")], 200)
-    >>> stats["skipped"], stats["records"], stats["by_reason"], stats["first"]
-    (1, 200, {'no_content': 1}, ['a.jsonl:3: turn 2 (gpt) has no content'])
-    """
+def _counts_stats(counts: dict[str, SplitCounts]) -> dict[str, Any]:
+    """The stats the log and the manifest report: drops summed over the splits, the rest of the train split."""
+    train = counts["train"]
+    dropped: Counter[str] = Counter()
+    for split_counts in counts.values():
+        dropped.update(split_counts.dropped)
     return {
-        "skipped": len(skipped),
-        "records": records,
-        "share": len(skipped) / records if records else 0.0,
-        "by_reason": dict(Counter(invalid.reason for invalid in skipped).most_common()),
-        "first": [str(invalid) for invalid in skipped[:INVALID_LOCATIONS_SHOWN]],
+        "dropped": dict(dropped),
+        "dropped_turns": sum(c.dropped_turns for c in counts.values()),
+        "trailing_user_turns_removed": sum(c.trailing_user_turns for c in counts.values()),
+        "truncated_samples": sum(c.truncated for c in counts.values()),
+        "kept": train.kept,
+        "expanded_conversations": train.expanded_conversations,
+        "extra_rows": train.extra_rows,
+        "extra_tokens": train.extra_tokens,
+        "trees": train.trees,
+        "tree_rows": train.tree_rows,
+        "shared_conversations": train.shared_conversations,
+        "tokens_without_sharing": train.tokens_without_sharing,
+        "history_removed_share": 1 - train.tokens / train.tokens_without_sharing
+        if train.tokens_without_sharing
+        else 0.0,
+        **{f"{split}_rows": split_counts.rows for split, split_counts in counts.items()},
     }
 
 
-def describe_invalid_records(stats: Mapping[str, Any]) -> str:
-    """What :func:`invalid_record_stats` counted, for the log: counts first, then the first locations."""
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in stats["by_reason"].items())
-    first = "".join(f"\n  {location}" for location in stats["first"])
-    return (
-        f"invalid_records: skip left out {stats['skipped']} of {stats['records']} records "
-        f"({100 * stats['share']:.2f}%; {reasons}); the first:{first}"
-    )
+def _batches(
+    train_files: Sequence[Path],
+    validation_files: Sequence[Path],
+    holdout: np.ndarray,
+    data_args: SFTDataArguments,
+    skip: bool,
+) -> Iterator[ConversationBatch | UserInputError]:
+    """The conversations of every file in order, in batches of :data:`ENCODE_BATCH`, each with its split."""
+    batch = ConversationBatch()
+    system = data_args.default_system_prompt
+    try:  # counted by the first pass: the invalid records and unused fields are only skipped here
+        streams = [(iter_conversations(train_files, system, InvalidRecords() if skip else None, IgnoredFields()),
+                    "train"),
+                   (iter_conversations(validation_files, system, InvalidRecords() if skip else None, IgnoredFields()),
+                    "validation")]  # fmt: skip
+        index = 0
+        for stream, split in streams:
+            for conversation in stream:
+                batch.conversations.append(conversation)
+                if split == "train":
+                    batch.splits.append("validation" if holdout[index] else "train")
+                    index += 1
+                else:
+                    batch.splits.append(split)
+                if len(batch.conversations) == ENCODE_BATCH:
+                    yield batch
+                    batch = ConversationBatch()
+    except UserInputError as error:  # a file changed between the passes
+        yield error
+        return
+    if batch.conversations:
+        yield batch
 
 
-def check_invalid_share(stats: Mapping[str, Any], max_share: float) -> None:
-    """Refuse to build when more than ``max_share`` of the records are invalid (a wrong file, not a few bad lines)."""
-    if stats["skipped"] and stats["share"] > max_share:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in stats["by_reason"].items())
-        first = "".join(f"\n  {location}" for location in stats["first"])
-        raise DataError(
-            f"train_files: {stats['skipped']} of {stats['records']} records are invalid "
-            f"({100 * stats['share']:.2f}%), more than max_invalid_share={max_share:g} ({reasons}); fix them, or "
-            f"raise max_invalid_share if leaving them out is intended; the first:{first}"
-        )
+class Progress:
+    """Logs the conversations encoded so far, and their rate, at most every :data:`PROGRESS_EVERY_S` seconds."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, conversations: int) -> None:
+        self.done += conversations
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            logger.info(
+                "encoded %d of %d conversations (%.0f%%, %.0f conversations/s)",
+                self.done, self.total, 100 * self.done / max(1, self.total), self.done / (now - self.started),
+            )  # fmt: skip
 
 
-def check_masks(encoded: datasets.Dataset, end_of_turn_id: int) -> dict[str, Any]:
+def check_masks(counts: SplitCounts, end_of_turn_id: int) -> dict[str, Any]:
     """Refuse to train on masks that cannot be right; return token counts for the log.
 
     Errors: no supervised token at all, or the end-of-turn token never supervised (the model
     would never learn to stop).
+
+    >>> check_masks(SplitCounts(tokens=10, supervised_tokens=4, end_of_turn_supervised=1), 7)
+    {'tokens': 10, 'supervised_tokens': 4, 'supervised_share': 0.4}
     """
-    labels = encoded.data.column("labels").combine_chunks().flatten().to_numpy()
-    supervised = labels != IGNORE_INDEX
-    if not supervised.any():
+    if not counts.supervised_tokens:
         raise DataError("train_files: no token is supervised (no assistant content survived encoding)")
-    if not (labels == end_of_turn_id).any():
+    if not counts.end_of_turn_supervised:
         raise DataError("end_of_turn_token: the end-of-turn token is never supervised; the model would not stop")
     return {
-        "tokens": int(labels.size),
-        "supervised_tokens": int(supervised.sum()),
-        "supervised_share": float(supervised.mean()),
+        "tokens": counts.tokens,
+        "supervised_tokens": counts.supervised_tokens,
+        "supervised_share": counts.supervised_tokens / counts.tokens,
     }
 
 
@@ -301,6 +486,8 @@ def sft_code_version() -> str:
         labels_from_spans,
         encode_conversation,
         fit_conversation,
-        _encode_batch,
+        ConversationEncoder,
+        held_out_records,
+        pack_order,
     )
-    return cache_key({"source": "".join(inspect.getsource(f) for f in (*encoding_code, pack_batch))})
+    return cache_key({"source": "".join(inspect.getsource(f) for f in encoding_code)})

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmtrain.config.arguments import TrainArguments
-from llmtrain.data.cache import PreparedData
+from llmtrain.data.cache import CheckSources, PreparedData
 from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY
 from llmtrain.data.files import data_changes
 from llmtrain.errors import ConfigError, TrainingPreempted
@@ -43,9 +43,10 @@ def train_in_output_dir(
     Called once the data and the model are built, so a bad input never leaves a half-initialised
     output dir behind. With ``published`` (the multimodal checkpoint ``model`` is the text model
     of) the final model is saved in that checkpoint's layout. Returns the summary written to
-    ``train_summary.json``.
+    ``train_summary.json``. A resume's data identity is checked here unless the data preparation
+    already did (:func:`resume_data_check`, before it tokenized anything).
     """
-    if start.resume_from is not None:
+    if start.resume_from is not None and not data.identity_checked:
         check_data_unchanged(start.resume_from, data, args)
     lock = open_output_dir(args, run_config, start)  # held by the main process until the run ends
     try:
@@ -56,6 +57,23 @@ def train_in_output_dir(
         lock.release()
 
 
+def resume_data_check(start: RunStart | None, args: TrainArguments, layout: str | None = None) -> CheckSources | None:
+    """The data check a resumed run hands to its data preparation, which runs it before writing anything.
+
+    None when this launch resumes nothing (or only prepares data). The returned function refuses
+    sources that differ from the checkpoint's, as :func:`check_data_unchanged` does; ``layout`` is
+    the SFT sequence layout's name this run will use (None for pretraining).
+    """
+    if start is None or start.resume_from is None:
+        return None
+    checkpoint = start.resume_from
+
+    def check(sources: dict[str, Any]) -> None:
+        _check_identity(checkpoint, sources, layout, args)
+
+    return check
+
+
 def check_data_unchanged(checkpoint: Path, data: PreparedData, args: TrainArguments) -> None:
     """Refuse to resume ``checkpoint`` on other training data than it was trained on, unless allowed.
 
@@ -64,13 +82,18 @@ def check_data_unchanged(checkpoint: Path, data: PreparedData, args: TrainArgume
     computed for other samples, without a word. With ``allow_data_change`` the changes are logged
     and the data order starts a fresh pass over the new data (the Trainer skips no batches).
     """
+    recorded = data.metadata.get(SEQUENCE_LAYOUT_KEY) or {}
+    _check_identity(checkpoint, data.metadata.get("sources", {}), recorded.get("chosen", recorded.get("name")), args)
+
+
+def _check_identity(checkpoint: Path, sources: dict[str, Any], layout: str | None, args: TrainArguments) -> None:
     saved_data = read_manifest(checkpoint).get("data", {})
     saved = saved_data.get("sources")
     if not saved:
         return  # a checkpoint from before data identities were recorded
-    changes = data_changes(saved, data.metadata.get("sources", {}))
-    saved_layout = (saved_data.get(SEQUENCE_LAYOUT_KEY) or {}).get("name")
-    layout = (data.metadata.get(SEQUENCE_LAYOUT_KEY) or {}).get("name")
+    changes = data_changes(saved, sources)
+    recorded = saved_data.get(SEQUENCE_LAYOUT_KEY) or {}
+    saved_layout = recorded.get("chosen", recorded.get("name"))
     if saved_layout != layout and saved_layout is not None:
         # Packed rows and per-conversation rows are other samples: the saved data order would continue
         # over a different set (llmtrain.data.collate: the layout depends on the machine's kernels).

@@ -3,7 +3,7 @@
 Every case must end with exactly one ERROR line that names the file:line or the field, exit
 code 2, no traceback, and nothing written: an output dir that did not exist still does not, one
 that did (another run's model, an earlier checkpoint) is byte-for-byte unchanged, and no
-half-built dataset is left in the cache.
+half-built dataset is left in the cache (for refusals of the data itself, no dataset at all).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from llmtrain.run.lock import LOCK_FILE, OutputDirLock
 from ..conftest import REPO_ROOT, prose_records, qa_conversations, run_entry, save_random_tiny_model, write_jsonl
 
 GOOD_CHAT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+TWO_SYSTEM_PROMPTS = {
+    "system": "Be brief.",
+    "conversations": [{"from": "system", "value": "Be kind."}, *GOOD_CHAT["conversations"]],
+}
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Case:
     args: list[str]
     error: str  # regex the single ERROR line must match
     output_dir: Path
+    no_dataset: bool = False  # refused for its data: not even a complete dataset may be left in the cache
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +95,31 @@ def write_file(path: Path, content: str | bytes) -> Path:
     return path
 
 
-def pretrain_case(content: str | bytes, extra: list[str], error: str) -> Callable[[Path, Path], Case]:
+def pretrain_case(
+    content: str | bytes, extra: list[str], error: str, no_dataset: bool = False
+) -> Callable[[Path, Path], Case]:
     def make(tmp: Path, base_model: Path) -> Case:
         corpus = write_file(tmp / "corpus.jsonl", content)
-        return Case("pretrain.py", [*pretrain_args(tmp, corpus, tmp / "out"), *extra], error, tmp / "out")
+        return Case("pretrain.py", [*pretrain_args(tmp, corpus, tmp / "out"), *extra], error, tmp / "out", no_dataset)
 
     return make
 
 
-def sft_case(records: list[object], extra: list[str], error: str) -> Callable[[Path, Path], Case]:
+def sft_case(
+    records: list[object], extra: list[str], error: str, no_dataset: bool = False
+) -> Callable[[Path, Path], Case]:
     def make(tmp: Path, base_model: Path) -> Case:
         data = write_jsonl(tmp / "data.jsonl", records)
-        return Case("finetune.py", [*sft_args(tmp, base_model, data, tmp / "out"), *extra], error, tmp / "out")
+        args = [*sft_args(tmp, base_model, data, tmp / "out"), *extra]
+        return Case("finetune.py", args, error, tmp / "out", no_dataset)
 
     return make
+
+
+def data_file_linked_to_dev_null(tmp: Path, base_model: Path) -> Case:
+    (tmp / "corpus.jsonl").symlink_to("/dev/null")
+    error = r"train_files: .*corpus\.jsonl \(a symbolic link to /dev/null\) is a character device, not a data file"
+    return Case("pretrain.py", pretrain_args(tmp, tmp / "corpus.jsonl", tmp / "out"), error, tmp / "out", True)
 
 
 def tokenizer_without_chat_template(tmp: Path, base_model: Path) -> Case:
@@ -242,7 +258,12 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     ),
     "blank-documents-only": pretrain_case(
         '{"text": ""}\n{"text": "   "}\n', ["--preprocessing_batch_size", "1", "--validation_split_percentage", "0"],
-        r"train_files: 2 documents make no full block",
+        r"train_files: 2 documents make no full block", no_dataset=True,
+    ),
+    "data-file-linked-to-dev-null": data_file_linked_to_dev_null,
+    "two-system-prompts": sft_case(
+        [GOOD_CHAT, TWO_SYSTEM_PROMPTS], [],
+        r"data\.jsonl:2: the record has a top-level 'system' and a system message in turn 1", no_dataset=True,
     ),
     "zero-max-steps": pretrain_case('{"text": "a"}\n', ["--max_steps", "0"], r"max_steps=0, .* trains nothing"),
     "zero-epochs": pretrain_case(
@@ -301,6 +322,8 @@ def check_clean_failure(
     assert "Traceback" not in output
     assert snapshot(case.output_dir) == before, "the output dir was written to"
     assert not list((tmp / "cache").glob(".*partial*")), "a half-built dataset was left in the cache"
+    if case.no_dataset:
+        assert not (tmp / "cache").exists() or not any((tmp / "cache").iterdir()), "a refused dataset was left"
     return errors[0]
 
 
@@ -357,6 +380,7 @@ def test_data_edited_between_a_kill_and_the_resume_is_refused_unless_allowed(
     output_dir, args, corpus = interrupted_pretraining
     with corpus.open("a", encoding="utf-8") as handle:  # one document appended, as a data refresh would
         handle.write('{"text": "a document that was not there when the run started"}\n')
+    cached = sorted((output_dir.parent / "cache").iterdir())
     error = assert_fails_cleanly(
         Case(
             "pretrain.py", args, r"train_files: the training data changed since .*checkpoint-2 was written", output_dir
@@ -364,6 +388,7 @@ def test_data_edited_between_a_kill_and_the_resume_is_refused_unless_allowed(
         output_dir.parent,
     )
     assert f"{corpus} changed (" in error
+    assert sorted((output_dir.parent / "cache").iterdir()) == cached, "the refused resume tokenized the edited data"
     assert "--start_over true" in error and "--allow_data_change true" in error
     resumed = run_entry([*args, "--allow_data_change", "true"], output_dir.parent)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from llmtrain.config.arguments import ModelArguments
-from llmtrain.data.cache import load_arrow_splits
 from llmtrain.data.collate import PaddingCollator
+from llmtrain.data.sft import load_sft_rows
 from llmtrain.modeling import build_model, load_model_config, load_tokenizer_for
 from llmtrain.multimodal import checkpoint_tensor_names
 from llmtrain.run.ledger import LEDGER_DIR
@@ -81,7 +81,7 @@ def finetune(config: str, base: Path, data: Path, tmp_path: Path, *extra: str) -
 
 def first_step_reference_loss(base: Path, output_dir: Path, tokenized: Path) -> float:
     """The first step's rows (from the ledger), each run alone through the untrained model: token-weighted mean."""
-    rows, _ = load_arrow_splits(tokenized)
+    rows, _ = load_sft_rows(tokenized)
     first = json.loads((output_dir / LEDGER_DIR / "rank-0.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and len(first["samples"]) == 1
     args = ModelArguments(model_name_or_path=str(base))
@@ -89,7 +89,7 @@ def first_step_reference_loss(base: Path, output_dir: Path, tokenized: Path) -> 
     total, count = 0.0, 0
     with torch.no_grad():
         for index in first["samples"][0]:
-            row = {key: rows[index][key] for key in ("input_ids", "labels")}
+            row = rows.row(index)
             supervised = sum(label != -100 for label in row["labels"][1:])
             total += model(**PaddingCollator(0)([row])).loss.item() * supervised
             count += supervised

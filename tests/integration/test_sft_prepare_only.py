@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from llmtrain.data.sft import load_sft_rows
 from llmtrain.paths import TINY_THINK_TEMPLATE
 
 from ..conftest import qa_conversations, run_entry, save_random_tiny_model, write_jsonl
@@ -36,10 +37,9 @@ def test_prepare_only_writes_one_row_per_conversation_with_labels(base_model: Pa
     result = prepare_only(base_model, data, target, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[[It is 0.<|im_end|>]]" in result.stdout or "[[" in result.stdout  # the preview marks spans
-    import datasets
-
-    encoded = datasets.load_from_disk(str(target))["train"]
-    assert len(encoded) == 30 and {"input_ids", "labels"} <= set(encoded.column_names)
+    encoded, _ = load_sft_rows(target)
+    assert len(encoded) == 30 and {"input_ids", "labels"} <= set(encoded.row(0))
+    assert any(label != -100 for label in encoded.row(0)["labels"]) and encoded.row(0)["labels"][0] == -100
     assert not (tmp_path / "out").exists()
     assert "fine-tuning" not in result.stdout, "prepare_only must not load the model"
 
@@ -60,12 +60,11 @@ def test_a_template_that_rewrites_history_trains_earlier_answers_in_rows_of_thei
     result = prepare_only(model, data, target, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "12 conversation(s) rendered earlier assistant turns differently as history" in result.stdout
-    import datasets
-
-    encoded = datasets.load_from_disk(str(target))["train"]
+    encoded, _ = load_sft_rows(target)
     assert len(encoded) == 24  # each conversation: its first answer's own row, then the whole conversation
     stats = json.loads((target / "llmtrain_meta.json").read_text())["stats"]
     assert stats["kept"] == 12 and stats["expanded_conversations"] == 12 and stats["extra_rows"] == 12
     tokenizer = AutoTokenizer.from_pretrained(model)
-    own_rows = [ids for ids in encoded["input_ids"] if "and?" not in tokenizer.decode(ids)]  # end at the first answer
+    all_ids = [encoded.row(index)["input_ids"] for index in range(len(encoded))]
+    own_rows = [ids for ids in all_ids if "and?" not in tokenizer.decode(ids)]  # end at the first answer
     assert len(own_rows) == 12 and stats["extra_tokens"] == sum(len(ids) for ids in own_rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -10,14 +11,19 @@ import pytest
 
 from llmtrain.data.conversations import (
     FORMATS,
+    IGNORED_NAMES_KEPT,
+    OTHER_IGNORED,
+    IgnoredFields,
+    InvalidRecords,
     detect_format,
+    iter_conversations,
     normalise_record,
     read_conversation_files,
     read_conversations,
     template_messages,
 )
 from llmtrain.demo_conversations import LOCATION_ANSWER, MAX_ANSWER_CHARS, SYSTEM_PROMPT, build_demo_conversations
-from llmtrain.errors import ConfigError, DataError
+from llmtrain.errors import ConfigError, DataError, InvalidRecord
 from llmtrain.paths import DEMO_CONVERSATIONS_PATH
 
 from ..conftest import write_jsonl
@@ -358,3 +364,180 @@ def test_compressed_conversation_files_read_as_their_plain_copy(compression: str
     packed.write_bytes(compress(plain.read_bytes())[:20])
     with pytest.raises(DataError, match=rf"chat\.jsonl\.{compression}: cannot be (read|decompressed)"):
         read_conversations(packed)
+
+
+# --- a top-level system prompt, and every other field used or named ---
+
+CHAT = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+OPENAI_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt"),
+    [
+        ({"system": "Be kind.", "conversations": CHAT}, "sharegpt"),
+        ({"messages": OPENAI_CHAT, "system": "Be kind."}, "openai"),
+    ],
+)
+def test_a_top_level_system_prompt_becomes_the_system_turn(record: dict[str, object], fmt: str) -> None:
+    expected = messages(("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello"))
+    assert normalise_record(record, fmt, "x") == expected
+    assert normalise_record(record, fmt, "x", default_system_prompt="Default.") == expected  # the record's wins
+    for blank in ("", "  \n", None):
+        assert normalise_record({**record, "system": blank}, fmt, "x", default_system_prompt="Default.")[0] == {
+            "role": "system",
+            "content": "Default.",
+        }
+        assert normalise_record({**record, "system": blank}, fmt, "x")[0] == {"role": "user", "content": "Hi"}
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "message"),
+    [
+        (
+            {"system": "Be kind.", "conversations": [{"from": "system", "value": "Be brief."}, *CHAT]},
+            "two_system_prompts",
+            "the record has a top-level 'system' and a system message in turn 1; give the system prompt once",
+        ),
+        (
+            {"system": "Be kind.", "messages": [*OPENAI_CHAT, {"role": "system", "content": "Late."}]},
+            "two_system_prompts",
+            "the record has a top-level 'system' and a system message in turn 3",
+        ),
+        ({"system": ["Be kind."], "conversations": CHAT}, "bad_field", "'system' must be a string, got an array"),
+        ({"system": 1, "messages": OPENAI_CHAT}, "bad_field", "'system' must be a string, got a number"),
+        (
+            {"system": "Be kind.", "conversations": list(reversed(CHAT))},
+            "opens_with_assistant",
+            "the conversation opens with an assistant turn (turn 1)",  # the record's turn, not the system's
+        ),
+    ],
+)
+def test_a_top_level_system_prompt_that_cannot_be_used_is_an_invalid_record(
+    tmp_path: Path, record: dict[str, object], reason: str, message: str
+) -> None:
+    good = json.dumps({"messages": OPENAI_CHAT}) if "messages" in record else turns(HI, HELLO)
+    path = write_lines(tmp_path / "data.jsonl", good, json.dumps(record))
+    with pytest.raises(InvalidRecord, match=re.escape(f"{path}:2: {message}")) as raised:
+        read_conversations(path)
+    assert raised.value.reason == reason
+    skipped: list[InvalidRecord] = []
+    assert len(read_conversations(path, skipped=skipped)) == 1 and [s.reason for s in skipped] == [reason]
+
+
+def test_fields_not_trained_on_are_named_in_one_warning_with_counts_and_first_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tool_call = {"role": "assistant", "content": "4", "tool_calls": [], "weight": 0}
+    first = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"id": 1, "messages": OPENAI_CHAT},
+            {"id": 2, "tools": "[]", "messages": [{"role": "user", "content": "2+2?"}, tool_call]},
+        ],
+    )
+    second = write_jsonl(
+        tmp_path / "b.jsonl", [{"id": "x", "conversations": [{"from": "human", "value": "Hi", "loss": 1}, HELLO]}]
+    )
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.conversations"):
+        dataset = read_conversation_files([first, second])
+    assert len(dataset) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "ignored fields, not trained on (records holding each, where first seen): "
+        f"id: 3 ({first}:1), tools: 1 ({first}:2), messages[].tool_calls: 1 ({first}:2), "
+        f"messages[].weight: 1 ({first}:2), conversations[].loss: 1 ({second}:1)"
+    ]
+    ignored = IgnoredFields()
+    read_conversation_files([first, second], ignored=ignored)  # the caller's accumulator: the caller warns
+    assert ignored.stats()["id"] == {"records": 3, "first": f"{first}:1"}
+    assert ignored.stats()["messages[].tool_calls"] == {"records": 1, "first": f"{first}:2"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.conversations"):
+        read_conversations(write_jsonl(tmp_path / "c.jsonl", [SHAREGPT, {"system": "", **SHAREGPT}]))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], "every field was used"
+
+
+def test_ignored_fields_stay_bounded_however_many_names_there_are() -> None:
+    ignored = IgnoredFields()
+    for index in range(1000):
+        ignored.add([f"key{index}", "id"], f"a.jsonl:{index + 1}")
+    stats = ignored.stats()
+    assert len(stats) == IGNORED_NAMES_KEPT + 1
+    assert stats["id"] == {"records": 1000, "first": "a.jsonl:1"}
+    assert stats[OTHER_IGNORED] == {"records": 1000 - IGNORED_NAMES_KEPT + 1, "first": f"a.jsonl:{IGNORED_NAMES_KEPT}"}
+
+
+def test_invalid_records_accumulator_gives_the_stats_and_messages_of_the_list(tmp_path: Path) -> None:
+    reasons = ["no_content", "unknown_role", "no_content", "invalid_json", "no_content", "unknown_role", "bad_turns"]
+    invalid = InvalidRecords()
+    for line, reason in enumerate(reasons, start=1):
+        invalid.add(InvalidRecord(f"a.jsonl:{line}", reason, f"problem {line}"))
+    stats = invalid.stats(records=100)
+    assert stats == {
+        "skipped": 7,
+        "records": 100,
+        "share": 0.07,
+        "by_reason": {"no_content": 3, "unknown_role": 2, "invalid_json": 1, "bad_turns": 1},
+        "first": [f"a.jsonl:{line}: problem {line}" for line in range(1, 6)],
+    }
+    assert list(stats["by_reason"]) == ["no_content", "unknown_role", "invalid_json", "bad_turns"]
+    assert len(invalid) == 7
+    first = "".join(f"\n  a.jsonl:{line}: problem {line}" for line in range(1, 6))
+    reasons_text = "no_content: 3, unknown_role: 2, invalid_json: 1, bad_turns: 1"
+    assert invalid.describe(100) == (
+        f"invalid_records: skip left out 7 of 100 records (7.00%; {reasons_text}); the first:{first}"
+    )
+    invalid.check_share(100, 0.1)
+    with pytest.raises(DataError) as refused:
+        invalid.check_share(100, 0.05)
+    assert str(refused.value) == (
+        f"train_files: 7 of 100 records are invalid (7.00%), more than max_invalid_share=0.05 ({reasons_text}); "
+        f"fix them, or raise max_invalid_share if leaving them out is intended; the first:{first}"
+    )
+
+
+def test_iter_conversations_streams_every_file_in_order_with_the_readers_errors(tmp_path: Path) -> None:
+    openai = write_jsonl(tmp_path / "b.jsonl", [OPENAI, {"messages": OPENAI_CHAT, "id": 3}])
+    sharegpt = write_lines(tmp_path / "a.jsonl", json.dumps({"system": "Be kind.", "conversations": CHAT}), "{broken")
+    ignored = IgnoredFields()
+    stream = iter_conversations([openai, sharegpt], "Default.", None, ignored)
+    assert next(stream) == (messages(("system", "Default."), ("user", "2+2?"), ("assistant", "4")), f"{openai}:1")
+    assert next(stream)[1] == f"{openai}:2"
+    assert next(stream) == (messages(("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello")), f"{sharegpt}:1")
+    with pytest.raises(DataError, match=re.escape(f"{sharegpt}:2: invalid JSON")):
+        next(stream)  # read lazily: the bad line is met only when reached
+    assert ignored.stats() == {
+        "messages[].name": {"records": 1, "first": f"{openai}:1"},
+        "messages[].weight": {"records": 1, "first": f"{openai}:1"},
+        "id": {"records": 1, "first": f"{openai}:2"},
+    }
+    invalid = InvalidRecords()
+    kept = list(iter_conversations([openai, sharegpt], None, invalid, IgnoredFields()))
+    assert [source for _, source in kept] == [f"{openai}:1", f"{openai}:2", f"{sharegpt}:1"]
+    assert invalid.stats(4)["by_reason"] == {"invalid_json": 1}
+    assert list(iter_conversations([], None, None, IgnoredFields())) == []
+    with pytest.raises(DataError, match=r"notes\.txt: unsupported conversation file type"):
+        list(iter_conversations([write_lines(tmp_path / "notes.txt", "Hi")], None, None, IgnoredFields()))
+    with pytest.raises(ConfigError, match="default_system_prompt"):
+        next(iter_conversations([openai], " ", None, IgnoredFields()))
+
+
+@pytest.mark.parametrize("name", ["c.Jsonl", "part3.JSONL", "e.jsonl.GZ", "d.json.gz", "f.JSON.ZST", "g.json.gz"])
+def test_conversation_files_are_read_by_any_suffix_case_and_compression(name: str, tmp_path: Path) -> None:
+    import gzip
+
+    import zstandard
+
+    array = name.startswith("g")  # a .json.gz holding an array; the others JSON lines
+    text = json.dumps([SHAREGPT, SHAREGPT]) if array else json.dumps(SHAREGPT) + "\n" + json.dumps(SHAREGPT) + "\n"
+    data = text.encode()
+    if name.lower().endswith(".gz"):
+        data = gzip.compress(data)
+    elif name.lower().endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path = tmp_path / name
+    path.write_bytes(data)
+    rows = read_conversations(path)
+    assert [row["messages"] for row in rows] == [normalise_record(SHAREGPT, "sharegpt", "x")] * 2
+    assert rows[1]["source"] == (f"{path}: record 2" if array else f"{path}:2")

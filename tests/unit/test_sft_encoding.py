@@ -280,17 +280,21 @@ def test_a_template_whose_generation_prompt_is_not_a_prefix_is_refused(tiny_toke
 
 
 def test_mask_check_refuses_unsupervised_data_and_a_never_supervised_end_of_turn(tiny_tokenizer) -> None:
-    import datasets
+    from llmtrain.data.sft import SplitCounts, check_masks
 
-    from llmtrain.data.sft import check_masks
+    def counted(*rows: dict[str, list[int]]) -> SplitCounts:
+        counts = SplitCounts()
+        for row in rows:
+            counts.add_row(row["labels"], eot_id)
+        return counts
 
     eot_id = tiny_tokenizer.convert_tokens_to_ids(EOT)
     [good] = encode_conversation(CONVERSATIONS["system"], tiny_tokenizer, EOT)
-    stats = check_masks(datasets.Dataset.from_list([good]), eot_id)
-    assert 0 < stats["supervised_share"] < 1
+    stats = check_masks(counted(good), eot_id)
+    assert 0 < stats["supervised_share"] < 1 and stats["tokens"] == len(good["labels"])
     nothing = {"input_ids": good["input_ids"], "labels": [IGNORE_INDEX] * len(good["labels"])}
     with pytest.raises(DataError, match="no token is supervised"):
-        check_masks(datasets.Dataset.from_list([nothing]), eot_id)
+        check_masks(counted(nothing), eot_id)
     no_eot = {"input_ids": good["input_ids"], "labels": [t if t != eot_id else IGNORE_INDEX for t in good["labels"]]}
     with pytest.raises(DataError, match="end-of-turn token is never supervised"):
-        check_masks(datasets.Dataset.from_list([no_eot]), eot_id)
+        check_masks(counted(no_eot), eot_id)

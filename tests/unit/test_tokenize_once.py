@@ -1,4 +1,5 @@
-"""The tokenize-once cache: reuse, invalidation, tokenized_path, prepare-only hand-off, damaged datasets."""
+"""The tokenize-once cache: reuse, invalidation, tokenized_path, prepare-only hand-off, damaged datasets,
+refusals that write nothing, and what the prepared stats record."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
-import datasets
 import pytest
 
-from llmtrain.config.arguments import PretrainDataArguments
+from llmtrain.config.arguments import PretrainDataArguments, SFTDataArguments, TrainArguments
 from llmtrain.data import cache
 from llmtrain.data.cache import META_FILE
 from llmtrain.data.pretrain import prepare_pretrain_data
+from llmtrain.data.sft import prepare_sft_data
 from llmtrain.errors import ConfigError, DataError
+from llmtrain.run.manifest import run_manifest, write_manifest
+from llmtrain.run.output_dir import RunStart
+from llmtrain.run.train import resume_data_check
 from llmtrain.tiny_default import train_tokenizer
 
 from ..conftest import prose_records, write_jsonl
@@ -101,8 +106,6 @@ def test_no_partial_dataset_is_left_when_building_fails(tmp_path: Path, tiny_tok
 
 # --- a damaged prepared dataset is never trusted ---
 
-ARROW = "train/data-00000-of-00001.arrow"  # an SFT (Arrow) dataset's file
-
 
 def truncate(file: Path) -> tuple[int, int]:
     """Keep the first half of ``file``'s bytes; return (new size, old size).
@@ -130,13 +133,16 @@ def test_metadata_lists_every_file_with_size_and_hash(tmp_path: Path, corpus: Pa
         assert entry["sha256"] == hashlib.sha256(on_disk[name].read_bytes()).hexdigest()  # small: all hashed
 
 
-def test_large_dataset_records_sizes_only_for_its_arrow_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 200})})
-    splits.save_to_disk(str(tmp_path / "ds"))
+def test_large_dataset_records_sizes_only_for_its_data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtrain.data.sft_rows import EncodedRows, SftRowsWriter
+
+    writer = SftRowsWriter(tmp_path / "ds" / "train", vocab_size=100)  # an SFT row store
+    writer.add(EncodedRows.of([[1, 2, 3]] * 800, [[-100, 2, 3]] * 800))
+    writer.close()
     monkeypatch.setattr(cache, "HASH_DATASET_BYTES", 100)  # everything above it counts as a multi-GB dataset
     monkeypatch.setattr(cache, "HASH_SMALL_FILE_BYTES", 1000)
     files = cache.file_manifest(tmp_path / "ds")
-    assert "sha256" not in files[ARROW] and "sha256" in files["train/state.json"]
+    assert "sha256" not in files["train/ids.bin"] and "sha256" in files["train/store.json"]
 
 
 def test_truncated_tokens_in_the_cache_is_rebuilt_with_a_warning(
@@ -243,3 +249,101 @@ def test_unreadable_metadata_in_the_cache_is_rebuilt(tmp_path: Path, corpus: Pat
     meta_path = first.path / META_FILE
     meta_path.write_text(meta_path.read_text()[:40])
     assert prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer).built
+
+
+# --- a refused run writes nothing ---
+
+
+def checkpoint_of(tmp_path: Path, prepared: cache.PreparedData) -> Path:
+    """A checkpoint folder whose manifest records the data ``prepared`` was built from, as training writes it."""
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    write_manifest(checkpoint, run_manifest({}, prepared.path, prepared.metadata, "run"), 2)
+    return checkpoint
+
+
+def train_args(allow_data_change: bool = False) -> TrainArguments:
+    return SimpleNamespace(allow_data_change=allow_data_change, ignore_data_skip=False)  # type: ignore[return-value]
+
+
+def test_a_resume_on_edited_data_is_refused_before_anything_is_tokenized(
+    tmp_path: Path, corpus: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer)
+    start = RunStart(resume_from=checkpoint_of(tmp_path, first), already_finished=False)
+    same = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer, resume_data_check(start, train_args()))
+    assert not same.built and same.identity_checked  # checked on the reused dataset's sources
+    with corpus.open("a", encoding="utf-8") as handle:
+        handle.write('{"text": "a document that was not there when the run started"}\n')
+    before = snapshot(tmp_path)
+    for target in (None, tmp_path / "prepared"):
+        args = data_args(tmp_path, tokenized_path=str(target) if target else None)
+        with pytest.raises(ConfigError, match=rf"train_files: the training data changed since .*{corpus} changed \("):
+            prepare_pretrain_data(args, tiny_tokenizer, resume_data_check(start, train_args()))
+        assert snapshot(tmp_path) == before, "a refused resume wrote something"
+    allowed = train_args(allow_data_change=True)
+    with caplog.at_level(logging.WARNING):
+        changed = prepare_pretrain_data(data_args(tmp_path), tiny_tokenizer, resume_data_check(start, allowed))
+    assert changed.built and changed.identity_checked and allowed.ignore_data_skip
+    assert len([r for r in caplog.records if "allow_data_change: resuming" in r.getMessage()]) == 1
+    assert resume_data_check(None, train_args()) is None
+    assert resume_data_check(RunStart(resume_from=None, already_finished=False), train_args()) is None
+
+
+def test_an_all_blank_corpus_is_refused_without_leaving_a_dataset_or_a_cache_dir(
+    tmp_path: Path, tiny_tokenizer
+) -> None:
+    (tmp_path / "corpus.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
+    args = data_args(tmp_path, validation_split_percentage=0.0, dataset_cache_dir=str(tmp_path / "cache" / "nested"))
+    with pytest.raises(DataError, match=r"^train_files: 2 documents make no full block: every one is blank"):
+        prepare_pretrain_data(args, tiny_tokenizer)
+    assert not (tmp_path / "cache").exists(), "the cache dir the failed build created was left"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "another-dataset").mkdir()
+    with pytest.raises(DataError, match="every one is blank"):
+        prepare_pretrain_data(args, tiny_tokenizer)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["another-dataset"]
+
+
+def test_files_left_out_of_a_folder_are_named_once_when_building(
+    tmp_path: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "a.JSONL", prose_records(30))
+    (folder / "README.md").write_text("where the corpus came from")
+    args = data_args(tmp_path, train_files=[str(folder)])
+    with caplog.at_level(logging.WARNING):
+        built = prepare_pretrain_data(args, tiny_tokenizer)
+        assert not prepare_pretrain_data(args, tiny_tokenizer).built
+    assert built.built and [entry["path"] for entry in built.metadata["sources"]["train"]] == [str(folder / "a.JSONL")]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"train_files: {folder}: took 1 data file; left out 1 this stage does not read: README.md"
+    ]
+
+
+def test_sft_folder_system_prompts_and_ignored_fields_reach_the_prepared_stats(
+    tmp_path: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    chat = [{"from": "human", "value": "Which module defines walk?"}, {"from": "gpt", "value": "os"}]
+    folder = tmp_path / "chat"
+    first = write_jsonl(folder / "a.JSONL", [{"system": "Be brief.", "conversations": chat, "id": i} for i in range(6)])
+    write_jsonl(folder / "b.jsonl", [{"conversations": [{**turn, "weight": 1} for turn in chat]}] * 4)
+    (folder / "corpus.txt").write_text("pretraining text, not conversations\n")
+    args = SFTDataArguments(
+        train_files=[str(folder)], validation_split_percentage=0.0, packing=False,
+        dataset_cache_dir=str(tmp_path / "cache"), max_seq_length=256,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare_sft_data(args, tiny_tokenizer)
+    assert prepared.metadata["stats"]["kept"] == 10
+    assert prepared.metadata["stats"]["ignored_fields"] == {
+        "id": {"records": 6, "first": f"{first}:1"},
+        "conversations[].weight": {"records": 4, "first": f"{folder / 'b.jsonl'}:1"},
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"train_files: {folder}: took 2 data files; left out 1 this stage does not read: corpus.txt",
+        "ignored fields, not trained on (records holding each, where first seen): "
+        f"id: 6 ({first}:1), conversations[].weight: 4 ({folder / 'b.jsonl'}:1)",
+    ]
+    assert "Be brief." in tiny_tokenizer.decode(prepared.train[0]["input_ids"])  # the top-level system prompt

@@ -10,8 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from llmtrain.config.arguments import PretrainDataArguments, SFTDataArguments
 from llmtrain.data.cache import META_FILE
 from llmtrain.data.chat_masks import encode_conversation
-from llmtrain.data.conversations import SUFFIXES as CONVERSATION_SUFFIXES
-from llmtrain.data.conversations import Message, detect_format, normalise_record
+from llmtrain.data.conversations import CONVERSATION_FILES, Message, detect_format, normalise_record
 from llmtrain.data.documents import data_suffix, iter_documents, record_text
 from llmtrain.data.files import resolve_data_files
 from llmtrain.data.fitting import drop_trailing_user_turns
@@ -38,8 +37,8 @@ def first_record(
         raise DataError(f"{path}: the file is empty")
     if stage is SFT:
         assert isinstance(data_args, SFTDataArguments)
-        if not path.name.endswith(CONVERSATION_SUFFIXES):
-            raise DataError(f"{path}: unsupported conversation file type; use {', '.join(CONVERSATION_SUFFIXES)}")
+        if not CONVERSATION_FILES.format_of(path):
+            raise DataError(f"{path}: unsupported conversation file type; use {CONVERSATION_FILES.names()}")
         found = first_json_record(path, FIRST_RECORD_MAX_BYTES)
         if found is None:
             return None
@@ -79,7 +78,7 @@ def check_data(
         specs = getattr(data_args, field_name)
         if not specs:
             continue
-        paths = resolve_data_files(specs, field_name)
+        paths = resolve_data_files(specs, field_name, stage.name)
         problems: list[str] = []
         unchecked: list[str] = []
         skips = isinstance(data_args, SFTDataArguments) and data_args.invalid_records == "skip"
