@@ -405,7 +405,7 @@ def run_tree_memory() -> Result:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=64, help="conversations per pass")
+    parser.add_argument("--samples", type=int, help="conversations per pass (default: 64; 48 with --prefix-trees)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the tiny tokenizer)")
     parser.add_argument("--data", type=Path, help="real conversation file (default: synthetic BELLE-like lengths)")
@@ -414,10 +414,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.prefix_trees:
-        for result in run_prefix_trees(args.samples, args.repeats, args.tokenizer, args.data):
+        for result in run_prefix_trees(args.samples or 48, args.repeats, args.tokenizer, args.data):
             print_result(result)
         return
-    result = run(args.samples, args.repeats, tokenizer_dir=args.tokenizer, data=args.data)
+    result = run(args.samples or 64, args.repeats, tokenizer_dir=args.tokenizer, data=args.data)
     print_result(result)
 
 

@@ -1,4 +1,4 @@
-"""The command-line wrapper of every entry point and tool: console logging, exit codes, secret flags.
+"""The command-line wrapper of every entry point and tool: console logging, exit codes, secret flags refused.
 
 Light on purpose (logging, :mod:`llmtrain.errors`, :mod:`llmtrain.config.secrets` and
 :mod:`llmtrain.supervision` only): ``python -m llmtrain.tools.chat`` imports this, not the training stack.
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from llmtrain.config.secrets import redact_command_line
+from llmtrain.config.secrets import refuse_secret_settings
 from llmtrain.errors import (
     DIVERGED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
@@ -45,14 +45,14 @@ def run_cli(main: Callable[[list[str]], None]) -> int:
     """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75,
     a non-finite loss under ``nonfinite_policy: stop`` exit 3.
 
-    ``main`` gets a copy of the arguments; the process's own command line (``sys.argv`` and what
-    ``ps`` and SwanLab read) shows secret flag values as ``***`` from here on. A rank of a launch
+    ``main`` gets a copy of the arguments. A credential given as a flag is refused first, for every
+    tool whatever its parser (exit 2, naming the variable to set instead; :mod:`llmtrain.config.secrets`):
+    no run goes on with one on its command line, and no parser echoes its value back as unknown. A rank of a launch
     first waits for its launcher's preflight and comes under its control, and records its exit code
     for it (:mod:`llmtrain.supervision`), an uncaught exception as 1.
     """
     setup_logging()
     argv = sys.argv[1:]
-    redact_command_line()
     try:
         code = _run(main, argv)
     except SystemExit as ended:
@@ -71,6 +71,7 @@ def run_cli(main: Callable[[list[str]], None]) -> int:
 def _run(main: Callable[[list[str]], None], argv: list[str]) -> int:
     try:
         attach_rank()
+        refuse_secret_settings(argv)
         main(argv)
     except UserInputError as error:
         logger.error("%s", error)

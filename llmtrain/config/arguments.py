@@ -8,6 +8,36 @@ fields every stage has and ``PretrainDataArguments`` / ``SFTDataArguments`` add 
 A field with a fixed set of values declares it once, as ``choices`` in its metadata: argparse
 rejects anything else on the command line or in a YAML file, and :func:`check_choices` (called by
 every ``__post_init__``) does the same for instances built in code.
+
+Field rules. Every field a user sets declares, once and on the field, how a resumed run treats a
+change to it and whether it is part of the prepared-data cache key: a :class:`FieldRule` in its
+annotation, ``lora_r: Annotated[int, STRUCTURAL]``. The five rules:
+
+* ``STRUCTURAL``: decides which parameters exist and how they are shaped or initialised (the model,
+  the fine-tuning method). A checkpoint written under another value would load partially, so
+  resuming it is refused.
+* ``DATA``: which raw data is read, and how (files, held-out share, a stage's reading options). It
+  is part of the prepared-data cache key and is recorded with the files' fingerprints (the
+  ``sources`` of the data's metadata and of every checkpoint's manifest); a resume on changed files
+  is refused unless ``allow_data_change``.
+* ``PREPARED``: how the prepared rows are built from that data (SFT's length policy, packing,
+  template options). It is part of the cache key: another value builds other prepared data.
+* ``IDENTITY``: anything else that shapes the result (optimizer, schedule, batch, precision).
+  Changed between launches, the resume goes on with a warning naming it, and a finished model
+  trained under another value is not overwritten.
+* ``VOLATILE``: logging, launch topology, tracking, cache locations, worker counts; may differ
+  between launches of one run.
+
+``DATA``, ``PREPARED`` and ``IDENTITY`` fields are all part of the run's identity; only
+``VOLATILE`` ones are not. The sets other modules use are derived from the rules, never listed:
+:func:`resume_keys` gives :mod:`llmtrain.run.output_dir` its volatile and structural keys,
+:func:`prepared_settings` the SFT cache key's settings, :func:`stage_data_settings` a stage's own
+reading options. transformers' ``TrainingArguments`` fields cannot carry this project's
+annotations: :data:`TRAINING_ARGUMENT_RULES` declares theirs, in one table. A new field (ours, or
+one a transformers upgrade adds) that declares no rule fails ``tests/unit/test_field_rules.py``.
+The rule is in the annotation, not in ``metadata`` beside ``choices``, because
+``HfArgumentParser`` hands a field's metadata to argparse's ``add_argument``, which rejects keys
+it does not know; type hints reach the parser with the ``Annotated`` extras stripped.
 """
 
 from __future__ import annotations
@@ -15,9 +45,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from transformers import TrainingArguments
 
@@ -41,6 +72,22 @@ SHARE_PREFIXES_CHOICES = ("auto", "true", "false")
 # ZeRO-3 keys that make the Trainer's save gather the partitioned weights into one model file (the second is
 # DeepSpeed's older spelling).
 ZERO3_GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")
+RESUME_KINDS = ("structural", "data", "identity", "volatile")
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """How a resumed run treats a field, and whether the prepared-data cache key includes it (module docstring)."""
+
+    resume: str  # one of RESUME_KINDS
+    cache_key: bool = False
+
+
+STRUCTURAL = FieldRule("structural")
+DATA = FieldRule("data", cache_key=True)
+PREPARED = FieldRule("identity", cache_key=True)
+IDENTITY = FieldRule("identity")
+VOLATILE = FieldRule("volatile")
 
 
 def check_choices(instance: Any) -> None:
@@ -64,19 +111,19 @@ def check_choices(instance: Any) -> None:
 class ModelArguments:
     """Which model to train and how to load it (shared by pretraining and SFT)."""
 
-    config_name: str | None = field(
+    config_name: Annotated[str | None, STRUCTURAL] = field(
         default=None,
         metadata={"help": "Model config (file or dir) to train FROM SCRATCH. Exclusive with model_name_or_path."},
     )
-    model_name_or_path: str | None = field(
+    model_name_or_path: Annotated[str | None, STRUCTURAL] = field(
         default=None,
         metadata={"help": "Pretrained weights (local dir or hub id) to continue from. Exclusive with config_name."},
     )
-    tokenizer_name_or_path: str | None = field(
+    tokenizer_name_or_path: Annotated[str | None, STRUCTURAL] = field(
         default=None,
         metadata={"help": "Tokenizer dir or hub id; defaults to model_name_or_path, or config_name if a directory."},
     )
-    dtype: str = field(
+    dtype: Annotated[str, IDENTITY] = field(
         default="float32",
         metadata={
             "help": "dtype the weights are created or loaded in. Keep float32 with --bf16 for mixed precision "
@@ -84,14 +131,14 @@ class ModelArguments:
             "choices": DTYPE_CHOICES,
         },
     )
-    attn_implementation: str = field(
+    attn_implementation: Annotated[str, IDENTITY] = field(
         default="auto",
         metadata={
             "help": "Attention kernel: sdpa, eager, flash_attention_2; auto = flash-attention 2 if installed "
             "on a GPU, else sdpa (both honour packed position ids)."
         },
     )
-    trust_remote_code: bool = field(
+    trust_remote_code: Annotated[bool, IDENTITY] = field(
         default=False, metadata={"help": "Run modelling code shipped with a checkpoint. Off unless you trust it."}
     )
     # How a LoRA adapter names its base (adapter_config.json): the hub id, or the path as the user gave it.
@@ -130,31 +177,32 @@ class ModelArguments:
 class DataArguments:
     """Data fields shared by every stage: where files are, splits, and the tokenize-once cache."""
 
-    train_files: list[str] | None = field(
+    train_files: Annotated[list[str] | None, DATA] = field(
         default=None,
         metadata={
             "help": "Files, globs or directories of training data. Unset: the stage's embedded demo set. "
             "Pretraining: entries may carry a weight, web/*.jsonl:0.7,code/:0.3 (each one a source)."
         },
     )
-    validation_files: list[str] | None = field(
+    validation_files: Annotated[list[str] | None, DATA] = field(
         default=None, metadata={"help": "Held-out files; when set, validation_split_percentage is not used."}
     )
-    validation_split_percentage: float = field(
+    validation_split_percentage: Annotated[float, DATA] = field(
         default=5.0, metadata={"help": "Percent of training records held out for eval when no validation_files."}
     )
-    tokenized_path: str | None = field(
+    tokenized_path: Annotated[str | None, VOLATILE] = field(
         default=None,
         metadata={"help": "Where the tokenized dataset lives. Existing: trained from as is, raw files unread."},
     )
-    dataset_cache_dir: str = field(
+    dataset_cache_dir: Annotated[str, VOLATILE] = field(
         default="~/.cache/llmtrain/tokenized",
         metadata={"help": "Tokenize-once cache used when tokenized_path is unset, keyed on data+tokenizer+code."},
     )
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+    preprocessing_num_workers: Annotated[int | None, VOLATILE] = field(
+        default=None,
+        metadata={"help": "Tokenizing processes (torchdata ParallelMapper, order kept); unset or 1: in this process."},
     )
-    prepare_only: bool = field(
+    prepare_only: Annotated[bool, VOLATILE] = field(
         default=False, metadata={"help": "Build the tokenized dataset at tokenized_path, then exit."}
     )
 
@@ -173,13 +221,17 @@ class DataArguments:
 class PretrainDataArguments(DataArguments):
     """Pretraining data: where the text comes from and how it becomes token blocks."""
 
-    text_field: str = field(default="text", metadata={"help": "Record field holding the document text."})
-    txt_sample_by: str = field(
+    text_field: Annotated[str, DATA] = field(
+        default="text", metadata={"help": "Record field holding the document text."}
+    )
+    txt_sample_by: Annotated[str, DATA] = field(
         default="line",
         metadata={"help": "How a .txt file splits into documents.", "choices": TXT_SAMPLE_BY_CHOICES},
     )
-    block_size: int = field(default=1024, metadata={"help": "Tokens per training sequence (block)."})
-    preprocessing_batch_size: int = field(
+    block_size: Annotated[int, IDENTITY] = field(
+        default=1024, metadata={"help": "Tokens per training sequence (block)."}
+    )
+    preprocessing_batch_size: Annotated[int, IDENTITY] = field(
         default=1000, metadata={"help": "Documents per tokenization batch (one task of a prepare worker)."}
     )
 
@@ -196,19 +248,21 @@ class PretrainDataArguments(DataArguments):
 class SFTDataArguments(DataArguments):
     """SFT data: conversation files, chat-template encoding, length policy and packing."""
 
-    max_seq_length: int = field(default=1024, metadata={"help": "Longest encoded conversation (and packed row)."})
-    truncation_strategy: str = field(
+    max_seq_length: Annotated[int, PREPARED] = field(
+        default=1024, metadata={"help": "Longest encoded conversation (and packed row)."}
+    )
+    truncation_strategy: Annotated[str, PREPARED] = field(
         default="drop_oldest_turns",
         metadata={
             "help": "Over-long conversations: drop the oldest whole turns (system kept), drop the sample, or error.",
             "choices": TRUNCATION_STRATEGIES,
         },
     )
-    packing: bool = field(
+    packing: Annotated[bool, PREPARED] = field(
         default=True,
         metadata={"help": "Pack conversations into rows of max_seq_length, padding-free; false: pad per batch."},
     )
-    share_prefixes: str = field(
+    share_prefixes: Annotated[str, PREPARED] = field(
         default="auto",
         metadata={
             "help": "Train a conversation's per-turn rows (templates that rewrite history, e.g. Qwen3) as one prefix "
@@ -217,23 +271,23 @@ class SFTDataArguments(DataArguments):
             "choices": SHARE_PREFIXES_CHOICES,
         },
     )
-    train_on_last_turn_only: bool = field(
+    train_on_last_turn_only: Annotated[bool, PREPARED] = field(
         default=False, metadata={"help": "Supervise only the last assistant turn (default: every assistant turn)."}
     )
-    default_system_prompt: str | None = field(
+    default_system_prompt: Annotated[str | None, PREPARED] = field(
         default=None, metadata={"help": "System message added to conversations that have none."}
     )
-    end_of_turn_token: str = field(
+    end_of_turn_token: Annotated[str, PREPARED] = field(
         default="<|im_end|>", metadata={"help": "Token closing each turn in the chat template; it is supervised."}
     )
-    chat_template_kwargs: dict[str, Any] | str | None = field(
+    chat_template_kwargs: Annotated[dict[str, Any] | str | None, PREPARED] = field(
         default=None,
         metadata={
             "help": "Keywords the chat template reads, as a JSON object (YAML: a mapping), e.g. "
             '{"enable_thinking": false}; recorded with the model, so llmtrain.tools.chat renders alike.'
         },
     )
-    invalid_records: str = field(
+    invalid_records: Annotated[str, PREPARED] = field(
         default="error",
         metadata={
             "help": "A record that is not a usable conversation: error stops with its file:line; skip leaves it "
@@ -241,7 +295,7 @@ class SFTDataArguments(DataArguments):
             "choices": INVALID_RECORD_POLICIES,
         },
     )
-    max_invalid_share: float = field(
+    max_invalid_share: Annotated[float, PREPARED] = field(
         default=0.01,
         metadata={"help": "invalid_records: skip refuses to start when more than this share of records is bad."},
     )
@@ -270,13 +324,15 @@ class SFTDataArguments(DataArguments):
 class FinetuneArguments:
     """How the weights are fine-tuned: full, LoRA (through peft) or the last layers only."""
 
-    finetuning_type: str = field(
+    finetuning_type: Annotated[str, STRUCTURAL] = field(
         default="lora", metadata={"help": "full, lora or partial.", "choices": FINETUNING_TYPES}
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: str = field(
+    lora_r: Annotated[int, STRUCTURAL] = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: Annotated[int, STRUCTURAL] = field(
+        default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."}
+    )
+    lora_dropout: Annotated[float, STRUCTURAL] = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: Annotated[str, STRUCTURAL] = field(
         default="all-linear",
         metadata={
             "help": "Preset (qv, qkvo: softmax attention; attention: every token mixer; all-linear: every Linear "
@@ -284,15 +340,19 @@ class FinetuneArguments:
             "names, e.g. q_proj,v_proj."
         },
     )
-    layers_to_transform: str | None = field(
+    layers_to_transform: Annotated[str | None, STRUCTURAL] = field(
         default=None,
         metadata={"help": "Layers that get LoRA: comma-separated indices, 'last_half' or 'first_half'. Unset: all."},
     )
-    trainable_last_n_layers: int = field(
+    trainable_last_n_layers: Annotated[int, STRUCTURAL] = field(
         default=1, metadata={"help": "partial: number of final decoder layers left trainable."}
     )
-    train_final_norm: bool = field(default=True, metadata={"help": "partial: also train the final RMSNorm."})
-    train_lm_head: bool = field(default=False, metadata={"help": "partial: also train lm_head (tied: embeddings)."})
+    train_final_norm: Annotated[bool, STRUCTURAL] = field(
+        default=True, metadata={"help": "partial: also train the final RMSNorm."}
+    )
+    train_lm_head: Annotated[bool, STRUCTURAL] = field(
+        default=False, metadata={"help": "partial: also train lm_head (tied: embeddings)."}
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -309,39 +369,39 @@ class TrainArguments(TrainingArguments):
     """transformers' TrainingArguments plus this project's run-management and tracking fields."""
 
     # None = decide from the hardware in __post_init__; the parent's plain bool cannot say "unset".
-    bf16: bool | None = field(  # type: ignore[assignment]
+    bf16: Annotated[bool | None, IDENTITY] = field(  # type: ignore[assignment]
         default=None, metadata={"help": "bf16 mixed precision. Unset: on where the GPU supports it, off on CPU."}
     )
-    ddp_timeout: int = field(
+    ddp_timeout: Annotated[int, VOLATILE] = field(
         default=10800,
         metadata={"help": "Seconds ranks wait at a barrier; long so rank 0 can tokenize a big corpus first."},
     )
-    start_over: bool = field(
+    start_over: Annotated[bool, VOLATILE] = field(
         default=False,
         metadata={"help": "Archive what output_dir holds (to output_dir/previous/) and train from step 0."},
     )
-    allow_data_change: bool = field(
+    allow_data_change: Annotated[bool, VOLATILE] = field(
         default=False,
         metadata={
             "help": "Resume although the training data changed since the checkpoint was written: the changes are "
             "logged and the data order starts a fresh pass over the new data (refused by default)."
         },
     )
-    swanlab_project: str = field(default="llmtrain", metadata={"help": "SwanLab project name."})
-    swanlab_experiment_name: str | None = field(
+    swanlab_project: Annotated[str, VOLATILE] = field(default="llmtrain", metadata={"help": "SwanLab project name."})
+    swanlab_experiment_name: Annotated[str | None, VOLATILE] = field(
         default=None, metadata={"help": "SwanLab experiment name; defaults to the output_dir's name."}
     )
-    swanlab_mode: str | None = field(
+    swanlab_mode: Annotated[str | None, VOLATILE] = field(
         default=None,
         metadata={
             "help": "cloud/local/offline/disabled. Unset: cloud with an API key, else local (no network).",
             "choices": SWANLAB_MODE_CHOICES,
         },
     )
-    swanlab_log_dir: str | None = field(
+    swanlab_log_dir: Annotated[str | None, VOLATILE] = field(
         default=None, metadata={"help": "Where SwanLab writes run files; defaults to <output_dir>/swanlog."}
     )
-    nonfinite_policy: str = field(
+    nonfinite_policy: Annotated[str, IDENTITY] = field(
         default="stop",
         metadata={
             "help": "A NaN/inf loss or gradient norm never reaches the weights (that optimizer update is "
@@ -349,7 +409,7 @@ class TrainArguments(TrainingArguments):
             "choices": NONFINITE_POLICIES,
         },
     )
-    loss_implementation: str = field(
+    loss_implementation: Annotated[str, IDENTITY] = field(
         default="auto",
         metadata={
             "help": "Training loss without full-vocabulary fp32 logits. auto: Liger-Kernel's fused linear "
@@ -357,7 +417,7 @@ class TrainArguments(TrainingArguments):
             "choices": LOSS_IMPLEMENTATIONS,
         },
     )
-    checkpoint_checksums: bool = field(
+    checkpoint_checksums: Annotated[bool, VOLATILE] = field(
         default=False,
         metadata={
             "help": "Record a SHA-256 of every checkpoint file and verify it before resuming (reads every byte at "
@@ -366,6 +426,10 @@ class TrainArguments(TrainingArguments):
     )
     # Set from report_to: transformers' own SwanLab hook crashes with swanlab >= 0.8, so we route it.
     use_swanlab: bool = field(default=False, init=False)
+    # The user's save_total_limit, held by the project: llmtrain.run.checkpoints.rotate applies it after each
+    # checkpoint's completion marker. The Trainer's own field is left at None, so its rotation (by mtime, before
+    # the other ranks have finished saving) never runs.
+    checkpoint_limit: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -395,6 +459,7 @@ class TrainArguments(TrainingArguments):
             self.use_swanlab = True
         if self.swanlab_log_dir is None:
             self.swanlab_log_dir = os.path.join(str(self.output_dir), "swanlog")
+        self.checkpoint_limit, self.save_total_limit = self.save_total_limit, None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled copies (the Trainer's ``training_args.bin``) carry no credentials."""
@@ -408,6 +473,144 @@ class TrainArguments(TrainingArguments):
         """``report_to`` as a user would write it (``"swanlab,tensorboard"``, or ``"none"``)."""
         names = [*self.report_to, *(["swanlab"] if self.use_swanlab else [])] if self.report_to is not None else []
         return ",".join(names) or "none"
+
+    def recorded_settings(self) -> dict[str, Any]:
+        """The fields whose recorded value is the user's, not what the Trainer was given.
+
+        ``report_to`` without SwanLab (this project routes it) and ``save_total_limit`` at None (this
+        project holds it as :attr:`checkpoint_limit`): a run config records what the user set.
+        """
+        return {"report_to": self.report_to_setting(), "save_total_limit": self.checkpoint_limit}
+
+
+# The rules of the fields transformers' TrainingArguments declares (module docstring), which cannot carry this
+# project's annotations. None of them is part of the prepared-data cache key. bf16 and ddp_timeout are redeclared
+# by TrainArguments and declare theirs there. A transformers upgrade that adds a field fails
+# tests/unit/test_field_rules.py until the field is placed here.
+TRAINING_ARGUMENT_RULES: dict[str, FieldRule] = {
+    # Logging, checkpoint cadence and rotation, launch topology, trackers, worker counts.
+    **dict.fromkeys(
+        (
+            "logging_strategy", "logging_steps", "logging_first_step", "log_level", "log_level_replica",
+            "disable_tqdm", "report_to", "run_name", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
+            "use_cpu", "dataloader_num_workers", "deepspeed", "local_rank",
+        ),
+        VOLATILE,
+    ),
+    # The rest shapes what is trained, or has never been judged harmless to change mid-run.
+    **dict.fromkeys(
+        (
+            "output_dir", "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate",
+            "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args", "weight_decay",
+            "adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "gradient_accumulation_steps",
+            "average_tokens_across_devices", "max_grad_norm", "label_smoothing_factor", "fp16", "bf16_full_eval",
+            "fp16_full_eval", "tf32", "activation_checkpointing", "activation_checkpointing_kwargs",
+            "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_compile", "torch_compile_backend",
+            "torch_compile_mode", "use_liger_kernel", "liger_kernel_config", "use_cache", "neftune_noise_alpha",
+            "torch_empty_cache_steps", "auto_find_batch_size", "log_on_each_node", "logging_nan_inf_filter",
+            "include_num_input_tokens_seen", "project", "trackio_space_id", "trackio_bucket_id",
+            "trackio_static_space_id", "eval_strategy", "eval_delay", "per_device_eval_batch_size",
+            "prediction_loss_only", "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object",
+            "eval_accumulation_steps", "include_for_metrics", "batch_eval_metrics", "save_only_model",
+            "save_on_each_node", "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo",
+            "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision", "load_best_model_at_end",
+            "metric_for_best_model", "greater_is_better", "ignore_data_skip",
+            "restore_callback_states_from_checkpoint", "full_determinism", "seed", "data_seed", "accelerator_config",
+            "parallelism_config", "dataloader_drop_last", "dataloader_pin_memory", "dataloader_persistent_workers",
+            "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
+            "remove_unused_columns", "label_names", "train_sampling_strategy", "length_column_name",
+            "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+            "ddp_backend", "fsdp", "fsdp_config", "debug", "skip_memory_metrics", "do_train", "do_eval", "do_predict",
+            "resume_from_checkpoint",
+        ),
+        IDENTITY,
+    ),
+}  # fmt: skip
+# field_rules' answers, per dataclass: a class's rules are fixed once it is defined.
+_FIELD_RULES: dict[type, dict[str, FieldRule | None]] = {}
+# Every argument dataclass of both stages (llmtrain.stages says which stage parses which).
+ARGUMENT_DATACLASSES: tuple[type, ...] = (
+    ModelArguments, PretrainDataArguments, SFTDataArguments, FinetuneArguments, TrainArguments,
+)  # fmt: skip
+
+
+def field_rules(dataclass_type: type) -> dict[str, FieldRule | None]:
+    """Every field of ``dataclass_type`` a user sets, with its :class:`FieldRule`; None where it declares none.
+
+    The rule is the one in the field's annotation, else, for a field of transformers'
+    ``TrainingArguments``, its entry in :data:`TRAINING_ARGUMENT_RULES`. Fields with ``init=False``
+    are set by ``__post_init__``, not by users, and have no rule.
+
+    >>> field_rules(FinetuneArguments)["lora_r"], field_rules(TrainArguments)["logging_steps"].resume
+    (FieldRule(resume='structural', cache_key=False), 'volatile')
+    """
+    if dataclass_type in _FIELD_RULES:
+        return _FIELD_RULES[dataclass_type]
+    hints = typing.get_type_hints(dataclass_type, include_extras=True)
+    inherited = {spec.name for spec in dataclasses.fields(TrainingArguments)}
+    rules: dict[str, FieldRule | None] = {}
+    for spec in dataclasses.fields(dataclass_type):
+        if not spec.init:
+            continue
+        extras = typing.get_args(hints[spec.name])[1:] if typing.get_origin(hints[spec.name]) is Annotated else ()
+        declared = [item for item in extras if isinstance(item, FieldRule)]
+        if declared:
+            rules[spec.name] = declared[0]
+        elif spec.name in inherited and issubclass(dataclass_type, TrainingArguments):
+            rules[spec.name] = TRAINING_ARGUMENT_RULES.get(spec.name)
+        else:
+            rules[spec.name] = None
+    _FIELD_RULES[dataclass_type] = rules
+    return rules
+
+
+def resume_keys(resume: str) -> frozenset[str]:
+    """The fields of every argument dataclass whose rule's ``resume`` is ``resume`` (one of :data:`RESUME_KINDS`).
+
+    A field that declares no rule is in none of these sets (so it counts as run identity), and fails
+    ``tests/unit/test_field_rules.py``.
+
+    >>> sorted(resume_keys("structural"))[:3]
+    ['config_name', 'finetuning_type', 'layers_to_transform']
+    """
+    if resume not in RESUME_KINDS:
+        raise ValueError(f"resume must be one of {', '.join(RESUME_KINDS)}, got {resume!r}")
+    return frozenset(
+        name
+        for dataclass_type in ARGUMENT_DATACLASSES
+        for name, rule in field_rules(dataclass_type).items()
+        if rule is not None and rule.resume == resume
+    )
+
+
+def prepared_settings(data_args: DataArguments) -> dict[str, Any]:
+    """``data_args``'s ``PREPARED`` fields (cache key, not data identity), by name, as the instance holds them.
+
+    >>> sorted(prepared_settings(PretrainDataArguments()))
+    []
+    """
+    return {
+        name: getattr(data_args, name)
+        for name, rule in field_rules(type(data_args)).items()
+        if rule is not None and rule.cache_key and rule.resume != "data"
+    }
+
+
+def stage_data_settings(data_args: DataArguments) -> dict[str, Any]:
+    """The ``DATA`` fields a stage adds to :class:`DataArguments` (its reading options), by name.
+
+    The shared ``DATA`` fields (the files and the held-out share) enter the data's ``sources`` as
+    file fingerprints, resolved by :mod:`llmtrain.data.cache`; these enter them as they are.
+
+    >>> stage_data_settings(PretrainDataArguments())
+    {'text_field': 'text', 'txt_sample_by': 'line'}
+    """
+    shared = {spec.name for spec in dataclasses.fields(DataArguments)}
+    return {
+        name: getattr(data_args, name)
+        for name, rule in field_rules(type(data_args)).items()
+        if rule is not None and rule.resume == "data" and name not in shared
+    }
 
 
 def check_deepspeed_config(config: dict[str, Any], source: object) -> None:

@@ -11,7 +11,9 @@ naming it and the flags it is close to: flags are never abbreviated (``--tokeniz
 ``--tokenizer_name_or_path``). A bare boolean flag (``--bf16``) means true. The flags of the
 happy-llm recipe this project replaces, and of transformers 4, go through :data:`REPLACED_FLAGS`
 first. Cross-field rules live in each dataclass's ``__post_init__``. The YAML file itself is read
-by :mod:`llmtrain.config.yaml_file` (``file:line`` errors), which the launchers share.
+by :mod:`llmtrain.config.yaml_file` (``file:line`` errors), which the launchers share. A credential
+(``--hub_token``, a ``swanlab_api_key:`` key) is refused before anything else, naming the environment
+variable to set instead (:mod:`llmtrain.config.secrets`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from llmtrain.compat import parser_actions
 from llmtrain.config.arguments import TrainArguments
-from llmtrain.config.secrets import is_secret_key, redact_secrets
-from llmtrain.config.yaml_file import read_run_config, split_config_path
+from llmtrain.config.secrets import is_secret_key, redact_secrets, refuse_secret_settings
+from llmtrain.config.yaml_file import RunConfig, read_run_config, split_config_path
 from llmtrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ class ReplacedFlag:
     origin: str = RECIPE
 
 
-# The one table of replaced flags (README, "From happy-llm chapter 6", lists what each becomes).
+# The one table of replaced flags (docs/migrating-from-happy-llm.md lists what each becomes).
 REPLACED_FLAGS: dict[str, ReplacedFlag] = {
     "evaluation_strategy": ReplacedFlag("eval_strategy"),  # renamed in transformers 5
     "tokenizer_name": ReplacedFlag("tokenizer_name_or_path"),
@@ -87,10 +90,7 @@ REPLACED_FLAGS: dict[str, ReplacedFlag] = {
         "output_dir/previous/ and train from step 0",
         origin=TRANSFORMERS_4,
     ),
-    "use_auth_token": ReplacedFlag(
-        instead="transformers 5 removed it; set the HF_TOKEN environment variable (or run `hf auth login`)",
-        origin=TRANSFORMERS_4,
-    ),
+    # use_auth_token (transformers 4) is a credential: llmtrain.config.secrets refuses it, naming HF_TOKEN.
 }
 
 
@@ -164,8 +164,9 @@ def translate_cli_flags(argv: Sequence[str], fields: Collection[str]) -> list[st
     return translated
 
 
-def yaml_to_argv(path: Path, parser: HfArgumentParser) -> list[str]:
-    """Turn a YAML run config into ``--key value`` tokens that ``parser`` accepts.
+def yaml_to_argv(config: RunConfig, parser: HfArgumentParser) -> list[str]:
+    """Turn a YAML run config (as :func:`~llmtrain.config.yaml_file.read_run_config` reads it) into ``--key value``
+    tokens that ``parser`` accepts.
 
     Lists become several tokens (for list fields), dicts become JSON, booleans ``true``/``false``,
     and ``null`` leaves the field at its default. Keys of :data:`REPLACED_FLAGS` are read as their
@@ -174,11 +175,10 @@ def yaml_to_argv(path: Path, parser: HfArgumentParser) -> list[str]:
     >>> import tempfile
     >>> p = Path(tempfile.mkdtemp()) / "run.yaml"; _ = p.write_text("block_size: 64\\nprepare_only: true\\n")
     >>> from llmtrain.config.arguments import PretrainDataArguments
-    >>> yaml_to_argv(p, HfArgumentParser(PretrainDataArguments))
+    >>> yaml_to_argv(read_run_config(p), HfArgumentParser(PretrainDataArguments))
     ['--block_size', '64', '--prepare_only', 'true']
     """
-    config = read_run_config(path)
-    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    actions = {action.dest: action for action in parser_actions(parser) if action.dest != "help"}
     argv: list[str] = []
     for written_key, written_value in config.values.items():
         key, value = written_key, written_value
@@ -247,7 +247,7 @@ def _unknown_arguments(unknown: Sequence[str], parser: HfArgumentParser) -> Conf
     """One error for what the parser did not take, naming the flags each unknown one is close to."""
     known = [
         option[2:]
-        for action in parser._actions
+        for action in parser_actions(parser)
         for option in action.option_strings
         if option.startswith("--") and "-" not in option[2:]
     ]
@@ -267,7 +267,7 @@ def _bare_booleans_mean_true(parser: HfArgumentParser) -> None:
     HfArgumentParser makes a bare flag of a ``bool`` field, but a ``bool | None`` field with a
     ``None`` default, such as :class:`TrainArguments`'s ``bf16``, would demand a value.
     """
-    for action in parser._actions:
+    for action in parser_actions(parser):
         if action.type is string_to_bool and action.nargs is None:
             action.nargs, action.const = "?", True
 
@@ -287,13 +287,17 @@ def parse_args(
 ) -> tuple[Any, ...]:
     """Parse ``[config.yaml] [--key value ...]`` into one instance per dataclass type.
 
-    Raises :class:`ConfigError` for a missing config file, an unknown key or flag (naming the
-    close ones), a refused or doubly given replaced flag, or a rule broken in a ``__post_init__``.
+    Raises :class:`ConfigError` for a missing config file, a credential given as a flag or key
+    (:func:`~llmtrain.config.secrets.refuse_secret_settings`, checked first, before anything is
+    logged), an unknown key or flag (naming the close ones), a refused or doubly given replaced
+    flag, or a rule broken in a ``__post_init__``.
     """
     config_path, given_overrides = split_config_path(argv, default_config)
+    config = read_run_config(config_path) if config_path is not None else None
+    refuse_secret_settings(given_overrides, config)
     parser = make_parser(dataclass_types)
-    fields = {action.dest for action in parser._actions}
-    yaml_argv = yaml_to_argv(config_path, parser) if config_path is not None else []
+    fields = {action.dest for action in parser_actions(parser)}
+    yaml_argv = yaml_to_argv(config, parser) if config is not None else []
     overrides = translate_cli_flags(given_overrides, fields)
     try:
         *instances, unknown = parser.parse_args_into_dataclasses(
@@ -322,7 +326,7 @@ def resolved_config(*instances: Any) -> dict[str, Any]:
                 continue
             config[spec.name] = _yaml_safe(getattr(instance, spec.name))
         if isinstance(instance, TrainArguments):
-            config["report_to"] = instance.report_to_setting()
+            config.update(instance.recorded_settings())  # report_to and save_total_limit as the user set them
     return config
 
 

@@ -40,13 +40,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.config.arguments import DataArguments
 from llmtrain.config.sources import parse_sources
 from llmtrain.data.files import file_fingerprints, resolve_data_files
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.paths import file_sha256
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,13 @@ def cache_key(parts: dict[str, Any]) -> str:
     (True, 'dc75')
     """
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer's full definition (vocab, merges, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return cache_key({"tokenizer": definition, "eos": tokenizer.eos_token})
 
 
 @dataclass

@@ -32,9 +32,17 @@ import torch
 from torchdata.nodes import IterableWrapper, Loader, Mapper, ParallelMapper
 from transformers import PreTrainedTokenizerBase
 
-from llmtrain.config.arguments import PretrainDataArguments
+from llmtrain.config.arguments import PretrainDataArguments, stage_data_settings
 from llmtrain.config.sources import parse_sources
-from llmtrain.data.cache import CheckSources, PreparedData, RawFiles, cache_key, load_or_build, locate_prepared_data
+from llmtrain.data.cache import (
+    CheckSources,
+    PreparedData,
+    RawFiles,
+    cache_key,
+    load_or_build,
+    locate_prepared_data,
+    tokenizer_fingerprint,
+)
 from llmtrain.data.documents import iter_documents
 from llmtrain.data.files import VALIDATION_SPLIT_SEED
 from llmtrain.data.sources import WeightedBlocks
@@ -195,13 +203,6 @@ def collate_blocks(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of the tokenizer's full definition (vocab, merges, normaliser, special tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return cache_key({"tokenizer": definition, "eos": tokenizer.eos_token})
-
-
 # Hash of the code that turns text into the token stream: editing it invalidates every prepared store.
 PREPROCESSING_CODE_VERSION = cache_key(
     {
@@ -234,8 +235,7 @@ def prepare_pretrain_data(
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; pretraining needs one between documents")
     compat = {"tokenizer": tokenizer_fingerprint(tokenizer), "code_version": PREPROCESSING_CODE_VERSION}
-    settings = {"text_field": data_args.text_field, "txt_sample_by": data_args.txt_sample_by}
-    location = locate_prepared_data(data_args, compat, "pretrain", settings)
+    location = locate_prepared_data(data_args, compat, "pretrain", stage_data_settings(data_args))
 
     def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
         train_sources = [files for _, files in raw.train_sources]

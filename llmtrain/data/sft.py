@@ -25,7 +25,8 @@ import numpy as np
 from torchdata.nodes import IterableWrapper, Loader, Mapper, ParallelMapper
 from transformers import PreTrainedTokenizerBase
 
-from llmtrain.config.arguments import SFTDataArguments
+from llmtrain.config.arguments import SFTDataArguments, prepared_settings, stage_data_settings
+from llmtrain.data import chat_masks, conversations, fitting, prefix_tree, sft_rows
 from llmtrain.data.cache import (
     CheckSources,
     PreparedData,
@@ -33,14 +34,11 @@ from llmtrain.data.cache import (
     cache_key,
     load_or_build,
     locate_prepared_data,
+    tokenizer_fingerprint,
 )
 from llmtrain.data.chat_masks import (
     check_chat_tokenizer,
-    encode_conversation,
-    labels_from_spans,
     preview,
-    render,
-    supervised_char_spans,
 )
 from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY, SequenceLayout
 from llmtrain.data.conversations import (
@@ -52,10 +50,9 @@ from llmtrain.data.conversations import (
     iter_conversations,
 )
 from llmtrain.data.files import VALIDATION_SPLIT_SEED
-from llmtrain.data.fitting import drop_trailing_user_turns, fit_conversation
+from llmtrain.data.fitting import fit_conversation
 from llmtrain.data.prefix_tree import tree_samples
-from llmtrain.data.pretrain import tokenizer_fingerprint
-from llmtrain.data.sft_rows import EncodedRows, SftRows, SftRowsWriter, open_rows, pack_order, pack_split
+from llmtrain.data.sft_rows import EncodedRows, SftRows, SftRowsWriter, open_rows, pack_split
 from llmtrain.errors import DataError, UserInputError
 from llmtrain.loss import IGNORE_INDEX
 
@@ -70,6 +67,26 @@ PROGRESS_EVERY_S = 30.0  # the longest silence while a large set is encoded
 def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Hash of the tokenizer plus its chat template (both shape the encoded tokens)."""
     return cache_key({"tokenizer": tokenizer_fingerprint(tokenizer), "template": tokenizer.chat_template})
+
+
+def preparation_compat(
+    data_args: SFTDataArguments, tokenizer: PreTrainedTokenizerBase, packed: bool, trees: bool
+) -> dict[str, Any]:
+    """What prepared SFT rows must match to be reused: their cache key's parts beside the raw files.
+
+    The ``PREPARED`` fields of ``data_args`` (:func:`~llmtrain.config.arguments.prepared_settings`),
+    with the values this run resolved where a field is a request (``packing`` and ``share_prefixes``:
+    what the layout allows; ``chat_template_kwargs``: the parsed keywords), plus the tokenizer with
+    its template and the encoding code's version.
+    """
+    return {
+        **prepared_settings(data_args),
+        "packing": packed,
+        "share_prefixes": trees,
+        "chat_template_kwargs": data_args.template_kwargs,
+        "tokenizer": template_fingerprint(tokenizer),
+        "code_version": sft_code_version(),
+    }
 
 
 def prepare_sft_data(
@@ -88,21 +105,8 @@ def prepare_sft_data(
     check_chat_tokenizer(tokenizer, data_args.end_of_turn_token)  # before anything is read
     packed = data_args.packing if layout is None else layout.packed
     trees = layout is not None and layout.trees
-    compat = {
-        "max_seq_length": data_args.max_seq_length,
-        "packing": packed,
-        "share_prefixes": trees,
-        "train_on_last_turn_only": data_args.train_on_last_turn_only,
-        "truncation_strategy": data_args.truncation_strategy,
-        "default_system_prompt": data_args.default_system_prompt,
-        "end_of_turn_token": data_args.end_of_turn_token,
-        "chat_template_kwargs": data_args.template_kwargs,
-        "invalid_records": data_args.invalid_records,
-        "max_invalid_share": data_args.max_invalid_share,
-        "tokenizer": template_fingerprint(tokenizer),
-        "code_version": sft_code_version(),
-    }
-    location = locate_prepared_data(data_args, compat, "sft", {})
+    compat = preparation_compat(data_args, tokenizer, packed, trees)
+    location = locate_prepared_data(data_args, compat, "sft", stage_data_settings(data_args))
 
     def build(raw: RawFiles, staging: Path) -> dict[str, Any]:
         return build_sft_rows(data_args, tokenizer, raw.train_files, raw.validation_files, staging, packed, trees)
@@ -477,17 +481,18 @@ def check_masks(counts: SplitCounts, end_of_turn_id: int) -> dict[str, Any]:
     }
 
 
+ROW_SHAPING_MODULES = (conversations, chat_masks, fitting, prefix_tree, sft_rows)
+
+
+def _row_shaping_code() -> tuple[Any, ...]:
+    return (ConversationEncoder, held_out_records, build_sft_rows, _batches)
+
+
 def sft_code_version() -> str:
-    """Hash of the encoding code: a prepared dataset built by other code is rebuilt, never reused."""
-    encoding_code = (
-        render,
-        drop_trailing_user_turns,
-        supervised_char_spans,
-        labels_from_spans,
-        encode_conversation,
-        fit_conversation,
-        ConversationEncoder,
-        held_out_records,
-        pack_order,
-    )
-    return cache_key({"source": "".join(inspect.getsource(f) for f in encoding_code)})
+    """Hash of the code that turns conversations into rows: rows built by other code are rebuilt, never reused.
+
+    Whole modules where every line shapes a row (reading records, rendering and masks, fitting, prefix
+    trees, the row store), and the parts of this module that encode, split and pack.
+    """
+    sources = [inspect.getsource(part) for part in (*ROW_SHAPING_MODULES, *_row_shaping_code())]
+    return cache_key({"source": "".join(sources)})

@@ -1,6 +1,6 @@
 """The SFT row store: encoded conversations as flat token and label-mask streams that training memory-maps.
 
-One split is a directory (the format is ``docs/data_format.md``)::
+One split is a directory (the format is ``docs/sft.md``)::
 
     ids.bin         token ids, little-endian uint16 when the vocabulary fits, else uint32; rows back to back
     supervised.bin  one byte per token: 1 where the token is a label (an answer), 0 where it is -100

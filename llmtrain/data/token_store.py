@@ -1,6 +1,6 @@
 """The token store: a tokenized corpus as one flat stream of token ids that every rank memory-maps.
 
-One store is a directory (the format is ``docs/data_format.md``)::
+One store is a directory (the format is ``docs/data.md``)::
 
     tokens.bin     token ids, little-endian uint16 when the vocabulary fits (<= 65,536 ids), else uint32;
                    every document's tokens followed by EOS, documents back to back

@@ -2,9 +2,10 @@
 
     python -m llmtrain.launch ENTRY.py [config.yaml] [--key value ...]    # what the .sh wrappers exec
 
-It reads the run config once, picks the topology from the environment (:mod:`llmtrain.topology`),
-checks the output dir, writes ``<output_dir>/logs/launch-<time>-node<N>.sh`` (the command, secret
-values as ``***``) and ``.log`` (the whole console), runs the preflight
+It reads the run config once (refusing a credential given as a flag or key, as the entry points
+do: :mod:`llmtrain.config.secrets`), picks the topology from the environment (:mod:`llmtrain.topology`),
+checks the output dir, writes ``<output_dir>/logs/launch-<time>-node<N>.sh`` (the command) and
+``.log`` (the whole console), runs the preflight
 (:mod:`llmtrain.tools.doctor`) in this process while the job starts (the ranks wait for its verdict
 before ``main``), starts DeepSpeed's runner (``HOSTFILE``: pdsh over ssh) or torchrun (``NNODES``),
 and supervises it: restarts a crashed run while it makes progress, turns a SIGTERM, SIGINT or SIGHUP

@@ -1,9 +1,11 @@
-"""The launcher's output: the console and ``<output_dir>/logs/launch-*.log``, secret values hidden in both.
+"""The launcher's output: the console and ``<output_dir>/logs/launch-*.log``.
 
 Three sources write here: the launcher's own ``launch: ...`` lines, the preflight's report and log
 records, and the job's output (DeepSpeed's launchers, torchrun and every rank, read from one pipe).
 The job's output may be held back while the preflight runs, so the report comes first; a
-console that went away (a closed terminal) only stops the console copy, never the log.
+console that went away (a closed terminal) only stops the console copy, never the log. Output is
+copied as it comes, unfiltered: a credential is refused as a flag (:mod:`llmtrain.config.secrets`),
+so none is in the job's command line for the launchers to print.
 """
 
 from __future__ import annotations
@@ -13,20 +15,17 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
-
-from llmtrain.config.secrets import REDACTED, redact_chunks
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # what the entry points log in (llmtrain.cli)
 
 
 class Console:
-    """Console and log file, one writer at a time; ``secrets`` are replaced by ``***`` in everything written."""
+    """Console and log file, one writer at a time."""
 
-    def __init__(self, secrets: Sequence[str], stream: BinaryIO | None = None) -> None:
-        self.secrets = [value.encode() for value in secrets if value]
+    def __init__(self, stream: BinaryIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout.buffer
         self.log: BinaryIO | None = None
         self._mutex = threading.Lock()
@@ -42,15 +41,9 @@ class Console:
             self.log.close()
             self.log = None
 
-    def hide(self, data: bytes) -> bytes:
-        """``data`` with every secret value replaced (for text that arrives whole, such as one line)."""
-        for value in sorted(self.secrets, key=len, reverse=True):
-            data = data.replace(value, REDACTED.encode())
-        return data
-
     def say(self, text: str, console: bool = True, log: bool = True) -> None:
         """One line of the launcher's own, to the console and the log (either can be left out)."""
-        self._write(self.hide(text.encode() + b"\n"), console=console, log=log)
+        self._write(text.encode() + b"\n", console=console, log=log)
 
     def hold_job_output(self) -> None:
         """Keep the job's output back (in memory) until :meth:`release_job_output`."""
@@ -69,8 +62,8 @@ class Console:
             self._write(piece, console=to_console)
 
     def pump(self, chunks: Iterable[bytes]) -> None:
-        """Copy the job's output ``chunks`` (secret values hidden, even across chunk boundaries) until they end."""
-        for piece in redact_chunks(chunks, self.secrets):
+        """Copy the job's output ``chunks``, as they are, until they end."""
+        for piece in chunks:
             with self._mutex:
                 if self._held is not None:
                     self._held.append(piece)

@@ -1,7 +1,9 @@
 """What a launch will do, decided before anything starts: settings, run config, topology and the job's command.
 
-Light (no torch, no transformers): a bad variable, run config or output dir ends the launch in
-well under a second with one ``launch: ...`` line and exit 2, having written nothing.
+Light (no torch, no transformers): a bad variable, run config or output dir, or a credential given
+as a flag or run-config key (:func:`llmtrain.config.secrets.refuse_secret_settings`, as the entry
+points refuse it), ends the launch in well under a second with one ``launch: ...`` line and exit 2,
+having written nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmtrain.config.secrets import REDACTED, redact_secrets
+from llmtrain.config.secrets import redact_secrets, refuse_secret_settings
 from llmtrain.config.yaml_file import read_run_config, split_config_path
 from llmtrain.errors import ConfigError
 from llmtrain.paths import PROJECT_ROOT, writable_problem
@@ -149,9 +151,14 @@ class RunInputs:
 
     @classmethod
     def read(cls, stage: Stage, user_args: Sequence[str]) -> RunInputs:
-        """Read the run config (the entry points' own reader: :mod:`llmtrain.config.yaml_file`)."""
+        """Read the run config (the entry points' own reader: :mod:`llmtrain.config.yaml_file`).
+
+        Raises :class:`ConfigError` for a credential among the flags or the run config's keys, as
+        :func:`llmtrain.config.parser.parse_args` does.
+        """
         config_path, overrides = split_config_path(user_args, stage.default_config)
         config = read_run_config(config_path) if config_path is not None else None
+        refuse_secret_settings(overrides, config)
         inputs = cls(config_path, dict(config.values) if config else {}, overrides)
         output_dir = inputs.values.get("output_dir")
         if config is not None and isinstance(output_dir, list | dict):
@@ -277,16 +284,12 @@ def shell_word(word: str) -> str:
     return "".join(char if SIMPLE_WORD.match(char) else "\\" + char for char in word)
 
 
-def shown(command: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(command with secret flag values as ***, the secret values themselves)``.
+def shown(command: Sequence[str]) -> list[str]:
+    """``command`` as the launcher prints and records it: secret flag values as ``***``.
+
+    The plan refuses such flags (:meth:`RunInputs.read`), so this is a second line only.
 
     >>> shown(["x", "--hub_token", "hf_a", "--hub_token=hf_b", "--seed", "1"])
-    (['x', '--hub_token', '***', '--hub_token=***', '--seed', '1'], ['hf_a', 'hf_b'])
+    ['x', '--hub_token', '***', '--hub_token=***', '--seed', '1']
     """
-    redacted = redact_secrets(command)
-    values = [
-        real if hidden == REDACTED else real.partition("=")[2]
-        for real, hidden in zip(command, redacted, strict=True)
-        if real != hidden
-    ]
-    return redacted, values
+    return redact_secrets(command)

@@ -1,15 +1,29 @@
-"""The environment of remote ranks under ``HOSTFILE``: a private env file for DeepSpeed's ssh launch.
+"""The environment of remote ranks under ``HOSTFILE``: a private env file for DeepSpeed's ssh launch, no credentials.
 
-DeepSpeed's runner starts the remote ranks through pdsh and ssh and passes on only the variables
-with its own prefixes (``PYTHON``, ``MLFLOW``, ``UCX``, ``MV2``; ``NCCL`` only from a GPU node). The
-rest goes through its env file: it reads ``KEY=VALUE`` lines from ``$DS_ENV_FILE`` (default
-``.deepspeed_env``) in ``~`` and in the current directory, and writes ``export KEY=VALUE;`` into each
-remote command. The launcher writes its own file,
-``${XDG_CACHE_HOME:-~/.cache}/llmtrain/deepspeed_env.<launcher pid>`` (mode 0600, directory 0700),
-and points the runner at it, so a user's own ``.deepspeed_env`` is never touched; that file's lines
-(from where the runner would have read them) are copied in after ours, so they still win. Files of
-launches that have ended are removed by the next launch. Values never reach the console or the
-logs: only the names are printed.
+How DeepSpeed 0.19's runner starts the ranks of two or more hosts (``deepspeed/launcher/runner.py``
+and ``multinode_runner.py``): it reads ``KEY=VALUE`` lines from ``$DS_ENV_FILE`` (default
+``.deepspeed_env``) in ``~`` and in the current directory, adds every variable of its own
+environment with a prefix of ``EXPORT_ENVS`` (``MLFLOW``, ``PYTHON``, ``MV2``, ``UCX``; ``NCCL``
+from the CUDA accelerator's ``export_envs()``), and ``PDSHRunner.get_cmd`` writes each as
+``export KEY=VALUE;`` (in double quotes when the value holds more than word characters and
+``@%+=:,./-``) at the head of the one remote command in pdsh's argv. It logs that argv at info
+level (``cmd = pdsh ...``: the console and ``logs/launch-*.log``), ``ps`` shows it on this host,
+and each host's sshd runs it as ``bash -c '...'``, which ``ps`` shows there. With one host it
+starts the ranks itself, which inherit its environment, and reads no env file.
+
+The launcher writes its own file, ``${XDG_CACHE_HOME:-~/.cache}/llmtrain/deepspeed_env.<launcher pid>``
+(mode 0600, directory 0700), and points the runner at it, so a user's own ``.deepspeed_env`` is never
+touched; that file's lines (from where the runner would have read them) are copied in after ours, so
+they still win. Files of launches that have ended are removed by the next launch. Values never reach
+the console or the logs: only the names are printed.
+
+A credential (a name :func:`llmtrain.config.secrets.is_secret_variable` matches: ``HF_TOKEN``,
+``SWANLAB_API_KEY``, ``*_PASSWORD``) never goes in that file, from the environment or from a
+user's file, since it would be on every command line above; the launcher names those it held back
+(:meth:`RemoteEnv.withheld_line`), and the ranks on each host read them from that host's own login
+(``hf auth login``, ``swanlab login``) or environment. With two or more hosts, those the runner
+would export on its own (``MLFLOW_TRACKING_PASSWORD``) are taken out of its environment too
+(:func:`runner_environment`).
 """
 
 from __future__ import annotations
@@ -21,12 +35,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmtrain.config.secrets import is_secret_variable
 from llmtrain.supervision import pid_alive
 
 # The job's variables: trackers, the hub, the libraries' knobs, and the launcher's own (LLMTRAIN_*).
 REMOTE_ENV_PREFIXES = re.compile(
     r"^(SWANLAB_|WANDB_|HF_|HUGGINGFACE_|TRANSFORMERS_|TOKENIZERS_|NCCL_|GLOO_|TORCH_|PYTORCH_|CUDA_|OMP_|MKL_|LLMTRAIN_)"
 )
+# What DeepSpeed 0.19's runner exports on its own: runner.py's EXPORT_ENVS, and the CUDA accelerator's export_envs().
+RUNNER_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 FILE_PREFIX = "deepspeed_env."
 
 
@@ -37,12 +54,31 @@ class RemoteEnv:
     path: Path
     names: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # names whose value spans lines
+    withheld: list[str] = field(default_factory=list)  # credentials left out (with the file a user's line came from)
 
     def summary(self) -> str:
         """The line the launcher prints (names only)."""
         return (
             f"launch: remote ranks get {len(self.names)} variable(s) through {self.path}: "
             f"{' '.join(self.names) or 'none'} (and PYTHON* from DeepSpeed's runner itself)"
+        )
+
+    def withheld_line(self) -> str | None:
+        """The line naming the credentials left out and what to do instead (names only), or None.
+
+        >>> print(RemoteEnv(Path("env"), withheld=["HF_TOKEN", "X_SECRET (from /u/.deepspeed_env)"]).withheld_line())
+        launch: credentials not passed to the remote ranks: HF_TOKEN X_SECRET (from /u/.deepspeed_env) \
+(DeepSpeed's runner would put them on the pdsh command line, which ps shows and it logs); log in on each host \
+instead (`hf auth login` stores the token under HF_HOME, `swanlab login`, `wandb login`) or set them in each \
+host's own environment, where its non-interactive ssh shell reads them
+        """
+        if not self.withheld:
+            return None
+        return (
+            f"launch: credentials not passed to the remote ranks: {' '.join(self.withheld)} (DeepSpeed's runner "
+            "would put them on the pdsh command line, which ps shows and it logs); log in on each host instead "
+            "(`hf auth login` stores the token under HF_HOME, `swanlab login`, `wandb login`) or set them in each "
+            "host's own environment, where its non-interactive ssh shell reads them"
         )
 
 
@@ -86,6 +122,24 @@ def user_env_files(env: Mapping[str, str], cwd: Path, ours: Path) -> list[Path]:
     return found
 
 
+def forwarded_by_runner(name: str) -> bool:
+    """True for a variable DeepSpeed's runner exports to the remote ranks on its own.
+
+    >>> forwarded_by_runner("MLFLOW_TRACKING_PASSWORD"), forwarded_by_runner("HF_TOKEN")
+    (True, False)
+    """
+    return name.startswith(RUNNER_EXPORT_PREFIXES)
+
+
+def runner_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less the credentials DeepSpeed's runner would export on its own: what to start it with.
+
+    >>> runner_environment({"MLFLOW_TRACKING_PASSWORD": "p", "MLFLOW_TRACKING_URI": "u", "HF_TOKEN": "t"})
+    {'MLFLOW_TRACKING_URI': 'u', 'HF_TOKEN': 't'}
+    """
+    return {name: value for name, value in env.items() if not (forwarded_by_runner(name) and is_secret_variable(name))}
+
+
 def write_remote_env(env: Mapping[str, str], cwd: Path, pid: int) -> RemoteEnv:
     """Write this launch's env file (module docstring) and return what it holds."""
     directory = env_file_dir(env)
@@ -96,7 +150,11 @@ def write_remote_env(env: Mapping[str, str], cwd: Path, pid: int) -> RemoteEnv:
     lines: list[str] = []
     # PYTHON* is left to the runner, which puts the working directory in front of PYTHONPATH.
     for name in sorted(env):
-        if not REMOTE_ENV_PREFIXES.match(name):
+        forwarded = bool(REMOTE_ENV_PREFIXES.match(name))
+        if (forwarded or forwarded_by_runner(name)) and is_secret_variable(name):
+            result.withheld.append(name)
+            continue
+        if not forwarded:
             continue
         if "\n" in env[name]:
             result.skipped.append(name)
@@ -111,8 +169,12 @@ def write_remote_env(env: Mapping[str, str], cwd: Path, pid: int) -> RemoteEnv:
         for line in user_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines(keepends=True):
             if "=" not in line:
                 continue  # a blank line would stop the runner's reader
+            name = line.split("=", 1)[0].strip()
+            if is_secret_variable(name):
+                result.withheld.append(f"{name} (from {user_file})")
+                continue
             lines.append(line if line.endswith("\n") else line + "\n")
-            result.names.append(f"{line.split('=', 1)[0].strip()} (from {user_file})")
+            result.names.append(f"{name} (from {user_file})")
     with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as file:
         file.write("".join(lines))
     return result

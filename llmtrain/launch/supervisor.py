@@ -1,10 +1,10 @@
 """The launcher's flow: plan, record, start, supervise, and end with one ``launch: ...`` line saying what happened.
 
-1. The plan (:mod:`llmtrain.launch.plan`): variables, topology, run config, output dir, lock. Any
-   problem is one ``launch: ...`` line on stderr and exit 2, with nothing written. ``DRY_RUN=1``
-   prints the plan and stops here.
-2. The record: ``<output_dir>/logs/launch-<time>-node<N>.sh`` (the command, secret values as ``***``)
-   and ``.log`` (everything the console shows), the control directory (:mod:`llmtrain.supervision`).
+1. The plan (:mod:`llmtrain.launch.plan`): variables, topology, run config (a credential as a flag or
+   key refused), output dir, lock. Any problem is one ``launch: ...`` line on stderr and exit 2, with
+   nothing written. ``DRY_RUN=1`` prints the plan and stops here.
+2. The record: ``<output_dir>/logs/launch-<time>-node<N>.sh`` (the command) and ``.log`` (everything
+   the console shows, as it came), the control directory (:mod:`llmtrain.supervision`).
 3. Each attempt: the job starts (:mod:`llmtrain.launch.job`), the preflight runs beside it on the
    first one (:mod:`llmtrain.launch.preflight`), and the loop below watches signals, deadlines and,
    under ``NNODES``, the other nodes (:mod:`llmtrain.launch.peers`) until every local process of the
@@ -47,7 +47,7 @@ from llmtrain.launch.peers import PeerLoss, PeerWatch
 from llmtrain.launch.plan import LOG_DIR, Plan, check_output_dir, make_plan, shell_word, shown
 from llmtrain.launch.preflight import Preflight
 from llmtrain.launch.progress import Progress, describe_step, newest_complete_step, resume_text
-from llmtrain.launch.remote_env import write_remote_env
+from llmtrain.launch.remote_env import runner_environment, write_remote_env
 from llmtrain.run.lock import LOCK_FILE, check_not_held
 from llmtrain.supervision import (
     BEAT_S,
@@ -101,23 +101,34 @@ def main(argv: list[str]) -> int:
 
 def dry_run(plan: Plan, env: dict[str, str], cwd: Path) -> int:
     """Print the topology, the exports and the command, start nothing (under HOSTFILE, write the env file it names)."""
-    env_file = None
-    if plan.settings.hostfile:
-        remote = write_remote_env(env, cwd, os.getpid())
-        for name in remote.skipped:
-            sys.stderr.write(
-                f"launch: {name} is not passed to the remote ranks: its value spans lines (the env "
-                "file holds one per line)\n"
-            )
-        sys.stdout.write(remote.summary() + "\n")
-        env_file = remote.path
+    env_file = write_env_file(plan, env, cwd) if plan.settings.hostfile else None
     lines = [f"dry run: {plan.topology.describe()}"]
     if plan.exports:
         lines.append("dry run: exports " + " ".join(f"{name}={value}" for name, value in plan.exports.items()))
-    command, _ = shown(plan.command(env_file))
+    command = shown(plan.command(env_file))
     lines.append("dry run: command: " + " ".join(shell_word(word) for word in command))
     sys.stdout.write("".join(line + "\n" for line in lines))
     return 0
+
+
+def write_env_file(plan: Plan, env: dict[str, str], cwd: Path) -> Path:
+    """Under ``HOSTFILE``: write the remote ranks' env file (:mod:`llmtrain.launch.remote_env`), say what it holds.
+
+    The credentials it leaves out are named only with two or more hosts: with one, DeepSpeed's runner
+    starts the ranks itself, and they inherit the launcher's environment.
+    """
+    remote = write_remote_env(env, cwd, os.getpid())
+    for name in remote.skipped:
+        sys.stderr.write(
+            f"launch: {name} is not passed to the remote ranks: its value spans lines (the env file holds one "
+            "per line)\n"
+        )
+    withheld = remote.withheld_line()
+    if withheld is not None and plan.topology.hosts > 1:
+        sys.stderr.write(withheld + "\n")
+    sys.stdout.write(remote.summary() + "\n")
+    sys.stdout.flush()
+    return remote.path
 
 
 def remove_ended_controls(root: Path, node_rank: int) -> None:
@@ -178,21 +189,15 @@ class Launcher:
         control_dir = (log_dir / CONTROL_ROOT / f"node{s.node_rank}-{record.launch_id}").absolute()
         job_env = {**self.env, **self.plan.exports, "PYTHONUNBUFFERED": "1", CONTROL_DIR_VARIABLE: str(control_dir)}
         if s.hostfile:
-            remote = write_remote_env(job_env, self.cwd, os.getpid())
-            for name in remote.skipped:
-                sys.stderr.write(
-                    f"launch: {name} is not passed to the remote ranks: its value spans lines (the env "
-                    "file holds one per line)\n"
-                )
-            sys.stdout.write(remote.summary() + "\n")
-            sys.stdout.flush()
-            self.env_file = remote.path
+            self.env_file = write_env_file(self.plan, job_env, self.cwd)
+            if self.plan.topology.hosts > 1:
+                job_env = runner_environment(job_env)
         command = self.plan.command(self.env_file)
-        shown_command, secret_values = shown(command)
+        shown_command = shown(command)
 
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / f"launch-{stamp}.sh").write_text(" ".join(shell_word(word) for word in shown_command) + " \n")
-        console = self.console = Console(secret_values)
+        console = self.console = Console()
         console.open_log(log_path)
         self._log_to(console)
         console.say("launch: " + " ".join(shown_command))

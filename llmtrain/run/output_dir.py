@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from llmtrain.config.arguments import TrainArguments
+from llmtrain.config.arguments import TrainArguments, resume_keys
 from llmtrain.errors import ConfigError
 from llmtrain.paths import writable_problem
 from llmtrain.run.checkpoints import find_resume_checkpoint, list_checkpoints
@@ -44,28 +44,12 @@ ARCHIVE_DIR = "previous"
 # The launcher logs and the lock of the current launch stay put.
 KEPT_ON_START_OVER = frozenset({"logs", ARCHIVE_DIR, LOCK_FILE})
 FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# Settings that may differ between launches of the same run (logging, launch topology, tracking).
-VOLATILE_KEYS = frozenset(
-    {
-        "start_over", "allow_data_change", "local_rank", "report_to", "logging_steps", "logging_first_step",
-        "logging_strategy", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "dataloader_num_workers",
-        "ddp_timeout", "deepspeed", "use_cpu", "disable_tqdm", "log_level", "log_level_replica",
-        "swanlab_project", "swanlab_experiment_name", "swanlab_mode", "swanlab_log_dir",
-        "prepare_only", "preprocessing_num_workers", "tokenized_path", "dataset_cache_dir", "run_name",
-        "checkpoint_checksums",
-    }
-)  # fmt: skip
-
-
+# Settings that may differ between launches of the same run (logging, launch topology, tracking): the fields
+# whose rule says so (llmtrain.config.arguments, "Field rules"); every other recorded setting is the run's identity.
+VOLATILE_KEYS = resume_keys("volatile")
 # Settings that decide which parameters exist and how they are shaped or initialised: a checkpoint
 # written under other values would load partially (or into the wrong modules), so resuming is refused.
-STRUCTURAL_KEYS = frozenset(
-    {
-        "model_name_or_path", "config_name", "tokenizer_name_or_path", "finetuning_type", "lora_r", "lora_alpha",
-        "lora_dropout", "lora_target_modules", "layers_to_transform", "trainable_last_n_layers", "train_final_norm",
-        "train_lm_head",
-    }
-)  # fmt: skip
+STRUCTURAL_KEYS = resume_keys("structural")
 
 
 def run_identity(run_config: dict[str, Any]) -> dict[str, Any]:

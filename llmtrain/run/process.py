@@ -8,6 +8,7 @@ import datasets
 import torch
 import transformers
 
+from llmtrain.compat import skip_deepspeed_shm_op
 from llmtrain.config.arguments import TrainArguments
 
 
@@ -29,9 +30,7 @@ def disable_unused_cpu_ops() -> None:
     C++ build on a cold cache; measured to leave training identical.
     """
     if not torch.cuda.is_available():
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_deepspeed_shm_op()
 
 
 def init_deepspeed_comm(args: TrainArguments) -> None:

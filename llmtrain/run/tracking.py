@@ -122,35 +122,36 @@ def swanlab_callbacks(args: TrainArguments, run_config: dict[str, Any], run_id: 
             why,
             args.swanlab_log_dir,
         )
-    callback = SwanLabCallback(
-        project=args.swanlab_project,
-        experiment_name=experiment_name,
-        log_dir=args.swanlab_log_dir,
-        mode=mode,
-    )
-    # The callback's constructor has no id/resume parameters but hands these kwargs to swanlab.init.
-    init_kwargs = getattr(callback, "_init_kwargs", None)
-    if not isinstance(init_kwargs, dict):
-        raise RuntimeError("this swanlab version's SwanLabCallback has no _init_kwargs; use the pinned swanlab")
-    init_kwargs.update(id=run_id, resume="allow")
+    settings = {
+        "project": args.swanlab_project,
+        "experiment_name": experiment_name,
+        "log_dir": args.swanlab_log_dir,
+        "mode": mode,
+    }
+    callback = SwanLabCallback(**settings)
     callback.update_config({"llmtrain": run_config})
+    # The callback's constructor takes no id or resume mode: SwanLabResume opens the run with them itself.
+    init_kwargs = {**settings, "id": run_id, "resume": "allow"}
     log_dir = Path(str(args.swanlab_log_dir))
-    return [SwanLabResume(callback, run_id=run_id, mode=mode, log_dir=log_dir), callback]
+    return [SwanLabResume(callback, run_id=run_id, mode=mode, log_dir=log_dir, init_kwargs=init_kwargs), callback]
 
 
 class SwanLabResume(TrainerCallback):
     """One SwanLab experiment per training run across restarts, on the world's rank 0 (module docstring).
 
-    It comes just before SwanLab's callback and opens the SwanLab run itself at train begin
-    (``callback.setup``, which SwanLab's own ``on_train_begin`` then finds done), so that it can
-    act before ``swanlab.init`` and after it.
+    It comes just before SwanLab's callback and opens the SwanLab run itself at train begin, so
+    that it can act before ``swanlab.init`` and after it: ``swanlab.init(**init_kwargs)`` with this
+    run's id and ``resume="allow"`` (SwanLab's callback takes neither), then ``callback.setup``,
+    which finds the run open and only records the Trainer's config; SwanLab's own
+    ``on_train_begin`` then finds it all done.
     """
 
-    def __init__(self, callback: Any, *, run_id: str, mode: str, log_dir: Path) -> None:
+    def __init__(self, callback: Any, *, run_id: str, mode: str, log_dir: Path, init_kwargs: dict[str, Any]) -> None:
         self.callback = callback
         self.run_id = run_id
         self.mode = mode
         self.log_dir = log_dir
+        self.init_kwargs = init_kwargs
 
     def on_train_begin(
         self,
@@ -171,6 +172,7 @@ class SwanLabResume(TrainerCallback):
             except Exception as error:  # a tracker must not stop training: then the dashboard lists two entries
                 logger.warning("SwanLab: could not remove the interrupted attempts' dashboard entries: %r", error)
         try:
+            swanlab.init(callbacks=[self.callback], **self.init_kwargs)
             self.callback.setup(args, state, model)
         except Exception as error:
             if self.mode not in CLOUD_MODES:

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llmtrain.compat import load_universal_checkpoint
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.cache import CheckSources, PreparedData
 from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY
@@ -138,8 +139,7 @@ def _adapt_to_world_size(trainer: LlmTrainer, checkpoint: Path) -> None:
     with args.main_process_first(local=False, desc="universal checkpoint"):
         if args.should_save:
             convert_to_universal(checkpoint)
-    plugin: Any = trainer.accelerator.state.deepspeed_plugin
-    plugin.hf_ds_config.config.setdefault("checkpoint", {})["load_universal"] = True
+    load_universal_checkpoint(trainer.accelerator.state.deepspeed_plugin)
 
 
 def train_and_save(

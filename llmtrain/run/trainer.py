@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import math
+import re
 import signal
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-import transformers.trainer
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import (
     PreTrainedModel,
@@ -24,8 +24,8 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
-from transformers.trainer import TRAINING_ARGS_NAME
 
+from llmtrain.compat import remove_unused_columns, shutdown_loader_workers, trainer_skips_no_batches
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.data.order import GlobalOrderBatchSampler
 from llmtrain.errors import ConfigError
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 LOADER_STATE_DIR = "dataloader"  # in a checkpoint: rank-R.pt, each rank's StatefulDataLoader state
 SAMPLE_INDEX = "sample_index"  # one sample's position in the training set, for the ledger
 SAMPLE_INDICES = "sample_indices"  # a micro-batch's, popped before the model sees the batch
+# What torch 2.13 warns when torchdata 0.11's StatefulDataLoader.__init__ calls torch.set_vital (a no-op now).
+SET_VITAL_WARNING = "'set_vital' is deprecated, please do not call"
 
 
 class IndexedSamples(torch.utils.data.Dataset):
@@ -72,7 +74,23 @@ class IndexedCollator:
 
 
 class TrainLoader(StatefulDataLoader):
-    """torchdata's ``StatefulDataLoader`` over the global order; ``set_epoch`` reaches its batch sampler."""
+    """torchdata's ``StatefulDataLoader`` over the global order; ``set_epoch`` reaches its batch sampler.
+
+    Built without torch's deprecation warning for ``torch.set_vital``, which torchdata 0.11 (its last
+    release) calls in every loader's constructor: the call does nothing in torch 2.13, the warning
+    names nothing a user can change, and it printed at every run start. Only that message, of that
+    category, raised from torchdata's loader module, is silenced, and only while the loader is built.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message=re.escape(SET_VITAL_WARNING),
+                category=UserWarning,
+                module=r"torchdata\.stateful_dataloader\.",
+            )
+            super().__init__(*args, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)
@@ -98,10 +116,7 @@ def stop_loader_workers(loader: StatefulDataLoader) -> None:
     for them forever. The loader keeps its last iterator (for ``state_dict``), so its workers outlive
     the epoch loop.
     """
-    iterator = getattr(loader, "_iterator", None)  # torch DataLoader internals: the live iterator and its shutdown
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
+    shutdown_loader_workers(loader)
 
 
 def share_tied_entries(state_dict: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -129,21 +144,6 @@ def share_tied_entries(state_dict: dict[str, Any], model: torch.nn.Module) -> di
     return shared
 
 
-@contextlib.contextmanager
-def positioned_loader() -> Iterator[None]:
-    """The stock epoch loop without its skip: the train loader already stands where the checkpoint left off.
-
-    ``Trainer._run_epoch`` skips a resumed epoch's trained batches with accelerate's
-    ``skip_first_batches``, which rebuilds a plain DataLoader (and is not for a ``StatefulDataLoader``).
-    """
-    original = transformers.trainer.skip_first_batches
-    transformers.trainer.skip_first_batches = lambda dataloader, num_batches=0: dataloader
-    try:
-        yield
-    finally:
-        transformers.trainer.skip_first_batches = original
-
-
 class LlmTrainer(Trainer):
     """The HF Trainer plus a data-order ledger, the non-finite guard and the fault-injection points.
 
@@ -155,9 +155,14 @@ class LlmTrainer(Trainer):
     Training data is read through torchdata's ``StatefulDataLoader`` in the global order of
     :mod:`llmtrain.data.order` (a function of the seed and the global sample index, the same for any
     rank count at the same global batch): every checkpoint holds each rank's loader state
-    (``dataloader/rank-R.pt``), and a resume restores it, or, on another rank count, positions the
-    order at the checkpoint's step; nothing is replayed or skipped. Everything else (loss,
-    DeepSpeed, resume of model/optimizer/scheduler/RNG state) is the stock Trainer's.
+    (``dataloader/rank-R.pt``, written by :class:`LoaderStateCallback`), and a resume restores it, or,
+    on another rank count, positions the order at the checkpoint's step; nothing is replayed or
+    skipped. Everything else (loss, DeepSpeed, resume of model/optimizer/scheduler/RNG state) is the
+    stock Trainer's.
+
+    The private Trainer methods overridden here are listed in :data:`llmtrain.compat.TRAINER_OVERRIDES`
+    with why each stays; ``tests/unit/test_compat.py::test_private_trainer_methods``
+    checks that each still exists with the parameters these overrides take.
     """
 
     def __init__(self, *args: Any, step_guard: StepGuardCallback, ledger: DataLedger, faults: FaultInjector,
@@ -167,7 +172,6 @@ class LlmTrainer(Trainer):
         self.step_guard = step_guard
         self.ledger = ledger
         self.faults = faults
-        self.train_loader: TrainLoader | None = None
 
     def get_train_dataloader(self) -> TrainLoader:
         """This rank's share of the global order (:class:`GlobalOrderBatchSampler`), through a ``StatefulDataLoader``.
@@ -176,7 +180,7 @@ class LlmTrainer(Trainer):
         """
         dataset = self.train_dataset
         if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
+            dataset = remove_unused_columns(self, dataset, "training")
         args = self.args
         sampler = GlobalOrderBatchSampler(
             len(dataset),  # type: ignore[arg-type]
@@ -187,7 +191,7 @@ class LlmTrainer(Trainer):
             seed=args.data_seed if args.data_seed is not None else args.seed,
         )
         workers = args.dataloader_num_workers
-        self.train_loader = TrainLoader(
+        loader = TrainLoader(
             IndexedSamples(dataset),
             batch_sampler=sampler,
             collate_fn=IndexedCollator(self.data_collator),
@@ -198,8 +202,8 @@ class LlmTrainer(Trainer):
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
         )
         if workers > 0:
-            atexit.register(stop_loader_workers, self.train_loader)
-        return self.train_loader
+            atexit.register(stop_loader_workers, loader)
+        return loader
 
     def position_train_loader(self, loader: TrainLoader, checkpoint: Path) -> None:
         """Put ``loader`` where ``checkpoint`` left off: its saved state for this rank, else the order's position.
@@ -259,34 +263,17 @@ class LlmTrainer(Trainer):
         self.step_guard.watch_loss(loss)
         return loss
 
+    # Overrides a private Trainer method; contract: tests/unit/test_compat.py::test_private_trainer_methods
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """The stock save, without the Trainer's own rotation.
+        """The stock save; a full disk ends the run with one clear error (:class:`~llmtrain.errors.StorageFull`).
 
-        That rotation orders by mtime and runs before the other ranks finish saving;
-        :class:`CompleteCheckpointCallback` rotates instead, after the completion marker. The user's
-        ``save_total_limit`` is switched off for the save only, and the pickled arguments the
-        checkpoint holds are rewritten with it. A full disk ends the run with one clear error.
+        The Trainer's own rotation never runs: its ``save_total_limit`` is None, the user's limit is
+        ``args.checkpoint_limit``, applied by :class:`CompleteCheckpointCallback` after the marker.
         """
-        keep = self.args.save_total_limit
-        self.args.save_total_limit = None
-        checkpoint = Path(str(self.args.output_dir)) / f"checkpoint-{self.state.global_step}"
-        with reporting_full_disk(checkpoint):
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.save_total_limit = keep
-            if self.args.should_save:
-                torch.save(self.args, checkpoint / TRAINING_ARGS_NAME)
-            if self.train_loader is not None:  # every rank: its own position in the order
-                (checkpoint / LOADER_STATE_DIR).mkdir(parents=True, exist_ok=True)
-                state_path = checkpoint / LOADER_STATE_DIR / f"rank-{self.args.process_index}.pt"
-                state = {
-                    "loader": self.train_loader.state_dict(),
-                    "geometry": self.train_loader.batch_sampler.geometry(),
-                    "global_step": self.state.global_step,
-                }
-                torch.save(state, state_path)
+        with reporting_full_disk(Path(str(self.args.output_dir)) / f"checkpoint-{self.state.global_step}"):
+            super()._save_checkpoint(model, trial)
 
+    # Overrides a private Trainer method; contract: tests/unit/test_compat.py::test_private_trainer_methods
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         """The stock save, with tied weights written once and files readable as the umask says.
 
@@ -300,6 +287,7 @@ class LlmTrainer(Trainer):
         if self.args.should_save:
             apply_umask(Path(str(output_dir if output_dir is not None else self.args.output_dir)))
 
+    # Overrides a private Trainer method; contract: tests/unit/test_compat.py::test_private_trainer_methods
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
         """The stock epoch, resumed by the loader's position, unless the run already reached ``max_steps``.
 
@@ -307,7 +295,8 @@ class LlmTrainer(Trainer):
         otherwise skip to that step inside the epoch and train one step more than asked. With the
         loop left at once, ``train()`` returns and the final save is all that happens. In the epoch
         a run resumes in, the train loader is positioned from the checkpoint
-        (:meth:`position_train_loader`) instead of skipping batches.
+        (:meth:`position_train_loader`) and the stock skip is a no-op
+        (:func:`llmtrain.compat.trainer_skips_no_batches`, which says why ``ignore_data_skip`` is not enough).
         """
         if self.state.global_step >= self.state.max_steps:
             logger.info(
@@ -321,11 +310,12 @@ class LlmTrainer(Trainer):
         resuming = kwargs.get("epoch") == kwargs.get("epochs_trained") and checkpoint is not None
         if resuming and isinstance(loader, TrainLoader) and not self.args.ignore_data_skip:
             self.position_train_loader(loader, Path(str(checkpoint)))
-            with positioned_loader():
+            with trainer_skips_no_batches():
                 super()._run_epoch(*args, **kwargs)
             return
         super()._run_epoch(*args, **kwargs)
 
+    # Overrides a private Trainer method; contract: tests/unit/test_compat.py::test_private_trainer_methods
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if norm is not None and not math.isfinite(float(norm)):
@@ -335,6 +325,37 @@ class LlmTrainer(Trainer):
                 self.state.global_step + 1, f"gradient norm {float(norm)}; this optimizer update is skipped"
             )
         return norm
+
+
+class LoaderStateCallback(TrainerCallback):
+    """After every checkpoint save, on every rank: that rank's loader state, ``dataloader/rank-R.pt`` in the checkpoint.
+
+    The state is the ``StatefulDataLoader``'s (its position in the global order, its workers'
+    states), with the order's geometry and the step, so :meth:`LlmTrainer.position_train_loader`
+    can tell whether it fits the resumed run. It must run before :class:`CompleteCheckpointCallback`
+    (the marker lists every file) and before the throughput callback (the save's time is not
+    training time): it comes first among the run's callbacks.
+    """
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(train_dataloader, TrainLoader):
+            return
+        checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        with reporting_full_disk(checkpoint):
+            (checkpoint / LOADER_STATE_DIR).mkdir(parents=True, exist_ok=True)
+            saved = {
+                "loader": train_dataloader.state_dict(),
+                "geometry": train_dataloader.batch_sampler.geometry(),
+                "global_step": state.global_step,
+            }
+            torch.save(saved, checkpoint / LOADER_STATE_DIR / f"rank-{args.process_index}.pt")
 
 
 class RunRecordCallback(TrainerCallback):
@@ -410,12 +431,13 @@ def build_trainer(
         data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=[
+            LoaderStateCallback(),  # first: its file is in the checkpoint before anything else reacts to the save
             PerplexityCallback(),
             ThroughputCallback(token_counter, model.config, sequence_length),  # before SwanLab, which logs its keys
             RunRecordCallback(ledger, faults),  # the step's ledger line is written before a guard can stop
             step_guard,
             CompleteCheckpointCallback(
-                keep=args.save_total_limit, manifest=manifest, faults=faults, checksums=args.checkpoint_checksums
+                keep=args.checkpoint_limit, manifest=manifest, faults=faults, checksums=args.checkpoint_checksums
             ),
             *swanlab_callbacks(args, manifest["config"], manifest["run_id"]),
         ],

@@ -8,7 +8,7 @@
 one token store inside it (``PATH/train``). The store is checked as training checks it (sizes,
 index, EOS at document ends) before anything is shown. Decoding uses ``--tokenizer``, by default
 the tokenizer recorded when the dataset was prepared; without one, ids are printed.
-The format is ``docs/data_format.md``.
+The format is ``docs/data.md``.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from ..conftest import (
     REPO_ROOT,
     free_port,
     launch,
-    qa_conversations,
-    save_random_tiny_model,
+    reasoning_conversations,
+    save_random_tiny_qwen3_model,
     subprocess_env,
     wait,
     wait_for_checkpoint,
@@ -123,9 +123,11 @@ def test_sigterm_then_rerunning_the_same_command_is_bit_identical(reference: Pat
     assert_identical(reference, output_dir)
 
 
-def test_verify_resume_on_a_lora_sft_config(tmp_path: Path) -> None:
-    base = save_random_tiny_model(tmp_path / "base")
-    data = write_jsonl(tmp_path / "chat.jsonl", qa_conversations(48))
+def test_verify_resume_on_a_lora_sft_config_packed_as_prefix_trees(tmp_path: Path) -> None:
+    """A think template drops earlier turns' reasoning, so each answer is its own row; packed, those rows share
+    their history as prefix trees. Killed and resumed, the LoRA run still ends bit-identical."""
+    base = save_random_tiny_qwen3_model(tmp_path / "base")
+    data = write_jsonl(tmp_path / "chat.jsonl", reasoning_conversations(48))
     command = [
         sys.executable, "-m", "llmtrain.tools.verify_resume", "sft", str(REPO_ROOT / "configs" / "sft_tiny_lora.yaml"),
         "--steps", "5", "--kill_after", "3", "--save_every", "2", "--workdir", str(tmp_path / "verify"),
@@ -142,6 +144,9 @@ def test_verify_resume_on_a_lora_sft_config(tmp_path: Path) -> None:
     assert "restart 1/1 resumes from step 2" in resumed_log
     summary = json.loads((tmp_path / "verify" / "resumed" / "train_summary.json").read_text())
     assert summary["global_step"] == 5 and summary["resumed_from"] is not None
+    manifest = json.loads((tmp_path / "verify" / "resumed" / "run_manifest.json").read_text())
+    assert manifest["data"]["sequence_layout"]["name"] == "packed_trees", manifest["data"]["sequence_layout"]
+    assert manifest["data"]["stats"]["trees"] > 0, manifest["data"]["stats"]
 
 
 def test_a_two_rank_run_resumed_on_one_rank_trains_the_same_samples_step_for_step(

@@ -11,7 +11,10 @@ A second Ctrl-C aborts at once and leaves nothing a resume would trust.
 The same holds across hosts: under ``HOSTFILE`` (DeepSpeed's pdsh runner over real ssh, to two loopback
 hosts) the ranks are children of sshd, not of the launcher, and the stop reaches them through the
 launcher's control file. A launcher SIGKILLed alone leaves no rank behind (they save and stop), and
-rerunning resumes. The reruns here compare with the same uninterrupted reference run.
+rerunning resumes. Credentials in the launcher's environment (``HF_TOKEN``, ``SWANLAB_API_KEY``) are
+not forwarded to the hosts, where they would be on the pdsh command line: the launcher names them, the
+run goes on without them, and their values are on no command line and in no file, log or console
+output. The reruns here compare with the same uninterrupted reference run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ pytestmark = pytest.mark.slow
 STEPS = 16
 SAVE_STEPS = 4
 SIGNAL_AFTER_STEP = 6  # well past checkpoint-4 and before checkpoint-8: the signal's own checkpoint is new
+CREDENTIALS = {"HF_TOKEN": "hf_llmtrainTwoHostsSecret4b2e", "SWANLAB_API_KEY": "sk-llmtrain-two-hosts-secret-91c0"}
 
 
 def pretrain_command(output_dir: Path) -> list[str]:
@@ -226,11 +230,14 @@ def test_sigterm_to_the_launchers_group_stops_the_ranks_on_two_ssh_hosts_and_the
         # The threads each of the reference's 2 local CPU ranks had: the same sums, bit for bit.
         "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2)),
         "XDG_CACHE_HOME": str(reference.parent / "xdg-cache"),
+        **CREDENTIALS,
     }  # fmt: skip
     console = reference.parent / "two-hosts.log"
     process = launch(pretrain_command(output_dir), reference.parent, console.name, MASTER_PORT=str(free_port()), **env)
     wait_for_checkpoint(process, output_dir / f"checkpoint-{SAVE_STEPS}", console)  # the first periodic one
     reached = trained_steps(output_dir)
+    command_lines = " ".join(" ".join(found.info["cmdline"] or []) for found in psutil.process_iter(["cmdline"]))
+    assert "pdsh" in command_lines and not [secret for secret in CREDENTIALS.values() if secret in command_lines]
     signalled = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)  # what scancel, timeout and a Kubernetes stop send
     assert process.wait(timeout=60) == PREEMPTED_EXIT_CODE, console.read_text()[-4000:]
@@ -257,6 +264,11 @@ def test_sigterm_to_the_launchers_group_stops_the_ranks_on_two_ssh_hosts_and_the
     output = wait(rerun, reference.parent, rerun_log, timeout=600)
     assert f"resuming from {checkpoint}" in output
     assert compare_runs(reference, output_dir) == []
+    assert "launch: credentials not passed to the remote ranks: HF_TOKEN SWANLAB_API_KEY (" in output
+    for path in reference.parent.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not [secret for secret in CREDENTIALS.values() if secret.encode() in content], f"a secret in {path}"
 
 
 def test_a_launcher_killed_alone_leaves_no_rank_behind_and_the_rerun_resumes(references: dict[str, Path]) -> None:

@@ -410,6 +410,6 @@ RESUME_CASES = (
 def test_the_readme_and_the_reliability_table_count_the_catalogue_as_it_is() -> None:
     count = len(CASES) + len(RESUME_CASES)
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    reliability = (REPO_ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    reliability = (REPO_ROOT / "docs" / "resume-and-reliability.md").read_text(encoding="utf-8")
     assert re.findall(r"bad-input catalogue \((\d+) cases\)", readme) == [str(count)]
     assert re.findall(r"A catalogue of (\d+) cases", reliability) == [str(count)]

@@ -176,24 +176,29 @@ def test_hostfile_forwards_the_environment_through_a_private_env_file(tmp_path: 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-0 slots=8\nworker-1 slots=8\n")
     forwarded = {
-        "SWANLAB_API_KEY": "swan-secret-123",
         "SWANLAB_PROJECT": "my project",  # a space
-        "HF_TOKEN": "hf_secret_456",
         "HF_HOME": "/data/hf",
+        "HF_TOKEN_PATH": "/data/hf/token",  # where the token is, not the token
         "NCCL_SOCKET_IFNAME": "ib0",
         "CUDA_LAUNCH_BLOCKING": "1",
         "OMP_NUM_THREADS": "4",
-        "WANDB_API_KEY": 'w$and"b`x`\\y',  # every character the remote shell would read inside double quotes
+        "WANDB_NOTES": 'w$and"b`x`\\y',  # every character the remote shell would read inside double quotes
+    }
+    # Credentials would be on the pdsh command line (ps, DeepSpeed's `cmd = ...` log line): never forwarded.
+    credentials = {
+        "SWANLAB_API_KEY": "swan-secret-123",
+        "HF_TOKEN": "hf_secret_456",
+        "WANDB_API_KEY": "wandb-secret-789",
     }
     user_file = tmp_path / "home" / ".deepspeed_env"
     user_file.parent.mkdir()
-    user_file.write_text("MY_CLUSTER_SETTING=from my own file\n\n")
+    user_file.write_text("MY_CLUSTER_SETTING=from my own file\nDB_PASSWORD=db-secret-012\n\n")
     dead_launch = tmp_path / "home" / ".cache" / "llmtrain" / "deepspeed_env.999999999"
     dead_launch.parent.mkdir(parents=True)
     dead_launch.write_text("OLD=1\n")
     result = dry_run(
         tmp_path, smi=SMI_NO_DRIVER, HOSTFILE=str(hostfile), PYTHONHASHSEED="0", UNRELATED_VAR="x",
-        NCCL_DEBUG_FILE="a\nb", **forwarded,
+        NCCL_DEBUG_FILE="a\nb", **forwarded, **credentials,
     )  # fmt: skip
     argv = command(result)
     env_file = Path(argv[1].removeprefix("DS_ENV_FILE="))
@@ -202,7 +207,7 @@ def test_hostfile_forwards_the_environment_through_a_private_env_file(tmp_path: 
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(env_file.parent.stat().st_mode) == 0o700
     assert not dead_launch.exists()  # an ended launch's file is cleaned up
-    assert user_file.read_text() == "MY_CLUSTER_SETTING=from my own file\n\n"  # not touched
+    assert user_file.read_text() == "MY_CLUSTER_SETTING=from my own file\nDB_PASSWORD=db-secret-012\n\n"  # not touched
     assert not (tmp_path / ".deepspeed_env").exists()
 
     # Every variable reaches the remote shell with its exact value; the user's own file still applies.
@@ -211,6 +216,7 @@ def test_hostfile_forwards_the_environment_through_a_private_env_file(tmp_path: 
     assert "PYTHONHASHSEED" not in names  # PYTHON* is DeepSpeed's own prefix, forwarded with its PYTHONPATH rule
     assert "UNRELATED_VAR" not in names  # not a job variable
     assert "NCCL_DEBUG_FILE" not in names and "NCCL_DEBUG_FILE is not passed" in result.stderr
+    assert not {*credentials, "DB_PASSWORD"} & set(names)
     remote = subprocess.run(
         ["bash", "-c", deepspeed_exports(env_file) + 'for name; do printf "%s=%s\\n" "$name" "${!name}"; done', "-",
          *forwarded, "MY_CLUSTER_SETTING"],
@@ -219,9 +225,16 @@ def test_hostfile_forwards_the_environment_through_a_private_env_file(tmp_path: 
     expected = {**forwarded, "MY_CLUSTER_SETTING": "from my own file"}
     assert remote.stdout == "".join(f"{name}={value}\n" for name, value in expected.items())
 
-    # The dry run names what it forwards and prints no value of a secret.
+    # The dry run names what it forwards and the credentials it holds back, and prints no value of either.
     printed = result.stdout + result.stderr
     for name in forwarded:
         assert name in printed
-    for secret in ("swan-secret-123", "hf_secret_456", "w$and"):
+    (withheld,) = [line for line in result.stderr.splitlines() if "credentials not passed" in line]
+    assert withheld.startswith(
+        "launch: credentials not passed to the remote ranks: HF_TOKEN SWANLAB_API_KEY WANDB_API_KEY "
+        f"DB_PASSWORD (from {user_file}) (DeepSpeed's runner would put them on the pdsh command line"
+    )
+    assert "`hf auth login` stores the token under HF_HOME, `swanlab login`" in withheld
+    for secret in (*credentials.values(), "db-secret-012", "w$and"):
         assert secret not in printed
+        assert secret not in env_file.read_text()

@@ -21,11 +21,13 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_random_tiny_model(tmp_path_factory.mktemp("base") / "model")
 
 
-def prepare_only(model: Path, data: Path, target: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def prepare_only(
+    model: Path, data: Path, target: Path, tmp_path: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
     return run_entry(
         ["--model_name_or_path", str(model), "--train_files", str(data), "--prepare_only", "true",
          "--tokenized_path", str(target), "--packing", "false", "--validation_split_percentage", "0",
-         "--use_cpu", "true", "--output_dir", str(tmp_path / "out")],
+         "--use_cpu", "true", "--output_dir", str(tmp_path / "out"), *extra],
         tmp_path,
         entry="finetune.py",
     )  # fmt: skip
@@ -57,7 +59,8 @@ def test_a_template_that_rewrites_history_trains_earlier_answers_in_rows_of_thei
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "data.jsonl", two_answers)
     target = tmp_path / "encoded"
-    result = prepare_only(model, data, target, tmp_path)
+    # Rows, not prefix trees (share_prefixes auto would share each conversation's history: test_sft_prefix_tree).
+    result = prepare_only(model, data, target, tmp_path, "--share_prefixes", "false")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "12 conversation(s) rendered earlier assistant turns differently as history" in result.stdout
     encoded, _ = load_sft_rows(target)

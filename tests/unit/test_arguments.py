@@ -16,7 +16,7 @@ from llmtrain.config.arguments import (
     TrainArguments,
 )
 from llmtrain.config.parser import parse_args, resolved_config
-from llmtrain.config.secrets import is_secret_key, redact_chunks, redact_secrets
+from llmtrain.config.secrets import is_secret_key
 from llmtrain.errors import ConfigError
 from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
 
@@ -143,9 +143,15 @@ def test_tiny_yaml_is_what_runs_with_no_config() -> None:
     assert resolved_config(*parse([], default_config)) == resolved_config(*parse([str(default_config)]))
 
 
+def with_hub_token(parsed: tuple) -> tuple:
+    """``parsed`` with a hub token set as a library could set it (no flag or key can: they are refused)."""
+    parsed[-1].hub_token = "hf_SECRET"
+    return parsed
+
+
 def test_resolved_config_round_trips_and_holds_no_secrets(tmp_path: Path) -> None:
-    argv = ["--learning_rate", "2.0e-4", "--hub_token", "hf_SECRET", "--train_files", "x.jsonl", "y.jsonl"]
-    first = resolved_config(*parse(argv))
+    argv = ["--learning_rate", "2.0e-4", "--train_files", "x.jsonl", "y.jsonl"]
+    first = resolved_config(*with_hub_token(parse(argv)))
     assert "hub_token" not in first
     assert "hf_SECRET" not in yaml.safe_dump(first)
     saved = write_yaml(tmp_path, yaml.safe_dump({k: v for k, v in first.items() if k != "local_rank"}))
@@ -156,7 +162,7 @@ def test_resolved_config_round_trips_and_holds_no_secrets(tmp_path: Path) -> Non
 def test_pickled_training_args_carry_no_secret() -> None:
     import pickle
 
-    _, _, train = parse(["--hub_token", "hf_SECRET", "--use_cpu", "true"])
+    _, _, train = with_hub_token(parse(["--use_cpu", "true"]))
     assert train.hub_token == "hf_SECRET"  # still usable in this process
     assert b"hf_SECRET" not in pickle.dumps(train)
     assert train.dataloader_pin_memory is False
@@ -173,38 +179,49 @@ def test_only_credentials_are_secret_keys() -> None:
     }
     assert {name for name in every_field if is_secret_key(name)} == {"hub_token"}
     # so the settings whose names merely contain "token" are saved with the run like any other
-    config = resolved_config(*parse(["--tokenized_path", "/data/tok", "--hub_token", "hf_SECRET"]))
+    config = resolved_config(*with_hub_token(parse(["--tokenized_path", "/data/tok"])))
     assert config["tokenized_path"] == "/data/tok" and "average_tokens_across_devices" in config
     assert "hub_token" not in config
 
 
-@pytest.mark.parametrize("flag", ["--hub_token", "--hub_token="], ids=["separate-value", "equals-sign"])
-def test_run_cli_hands_main_the_secret_but_the_process_command_line_hides_it(
-    flag: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("given", "variable"),
+    [
+        (["--hub_token", "hf_SECRET"], "HF_TOKEN"),
+        (["--hub_token=hf_SECRET"], "HF_TOKEN"),
+        (["--hub-token", "hf_SECRET"], "HF_TOKEN"),
+        (["--hub-token=hf_SECRET"], "HF_TOKEN"),
+        (["--swanlab_api_key", "hf_SECRET"], "SWANLAB_API_KEY"),  # no such field: refused, not "unknown"
+    ],
+    ids=["separate-value", "equals-sign", "hyphens", "hyphens-equals-sign", "swanlab-key"],
+)
+def test_run_cli_refuses_a_secret_flag_naming_the_variable_to_set(
+    given: list[str], variable: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from llmtrain.cli import run_cli
 
-    given = [*([flag, "hf_SECRET"] if not flag.endswith("=") else [flag + "hf_SECRET"]), "--seed", "3"]
-    monkeypatch.setattr(sys, "argv", ["pretrain.py", *given])
-    seen: dict[str, list[str]] = {}
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--seed", "3", *given])
+    reached: list[str] = []
 
     def main(argv: list[str]) -> None:
-        seen["argv"], seen["sys.argv"] = list(argv), list(sys.argv)
+        parse(argv)
+        reached.append("past the parser")
 
-    assert run_cli(main) == 0
-    assert seen["argv"] == given  # parsed with the real value
-    assert "hf_SECRET" not in " ".join(seen["sys.argv"])  # what SwanLab and anything else reading sys.argv sees
-    assert seen["sys.argv"][1:] == redact_secrets(given) and "***" in " ".join(seen["sys.argv"])
+    assert run_cli(main) == 2
+    assert not reached
+    (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    flag = given[0].partition("=")[0]
+    assert error.startswith(f"{flag} is not supported (a credential never goes in a flag")
+    assert f"set the {variable} environment variable instead" in error and "hf_SECRET" not in caplog.text
 
 
-def test_the_log_filter_hides_a_value_split_across_reads() -> None:
-    secret = b"hf_abcdef"
-    stream = b"cmd --hub_token hf_abcdef --x 1\n... hf_abcdef at the end"
-    for cut in range(1, len(stream)):
-        chunks = [stream[:cut], stream[cut:]]
-        assert b"".join(redact_chunks(chunks, [secret])) == stream.replace(secret, b"***")
-    # a partial match at the end is held back only until the stream ends: nothing is lost
-    assert list(redact_chunks([b"ok hf_ab"], [secret])) == [b"ok ", b"hf_ab"]
+def test_a_secret_key_in_a_run_config_is_refused_with_its_line(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "seed: 3\nhub_token: hf_SECRET\n")
+    with pytest.raises(ConfigError) as refused:
+        parse([str(config), "--seed", "4"])
+    assert str(refused.value).startswith(f"{config}:2: 'hub_token' is not supported (a credential never goes in")
+    assert "set the HF_TOKEN environment variable instead" in str(refused.value)
+    assert "hf_SECRET" not in str(refused.value)
 
 
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)

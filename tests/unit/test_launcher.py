@@ -93,8 +93,7 @@ def test_the_default_node_timeout_reports_a_lost_node_within_a_minute() -> None:
 
 
 def test_recorded_commands_hide_secrets() -> None:
-    command, values = shown(["python", "x.py", "--hub_token", "hf_1", "--run_name", "a b$c"])
-    assert values == ["hf_1"]
+    command = shown(["python", "x.py", "--hub_token", "hf_1", "--run_name", "a b$c"])
     assert [shell_word(word) for word in command][2:] == ["--hub_token", "\\*\\*\\*", "--run_name", "a\\ b\\$c"]
 
 
@@ -248,14 +247,14 @@ def test_the_ranks_codes_win_where_the_launchers_in_between_report_another() -> 
     assert Launcher._status(247, {}) == 247  # a rank killed by a signal records nothing
 
 
-def test_the_console_hides_secret_values_split_across_reads_and_holds_the_job_until_released(tmp_path: Path) -> None:
+def test_the_console_copies_the_job_as_it_comes_and_holds_it_until_released(tmp_path: Path) -> None:
     stream = io.BytesIO()
-    console = Console(["hf_secret"], stream=stream)
+    console = Console(stream=stream)
     console.open_log(tmp_path / "launch.log")
     console.hold_job_output()
-    console.pump([b"token hf_se", b"cret in two pieces\n"])
+    console.pump([b"output in", b" two pieces\n"])
     console.say("doctor: ok")
     console.release_job_output()
     console.close()
-    assert stream.getvalue() == b"doctor: ok\ntoken *** in two pieces\n"
+    assert stream.getvalue() == b"doctor: ok\noutput in two pieces\n"
     assert (tmp_path / "launch.log").read_bytes() == stream.getvalue()

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below):
 
-    errors, paths                 leaves
+    errors, paths, compat         leaves (compat: every hook into a dependency's internals)
     config, stages, cli,          run configuration, the stage table, the CLI wrapper, the launch
     topology, supervision         topology, the launcher <-> rank channel
     data, modeling, finetuning,   data and model code: never run/ or tools/
@@ -27,7 +27,7 @@ from llmtrain.paths import PROJECT_ROOT
 
 PACKAGE_DIR = PROJECT_ROOT / "llmtrain"
 LAYERS = {
-    "errors": 0, "paths": 0,
+    "errors": 0, "paths": 0, "compat": 0,
     "config": 1, "stages": 1, "cli": 1, "topology": 1, "supervision": 1,
     "data": 2, "modeling": 2, "finetuning": 2, "loss": 2, "metrics": 2,
     "tiny_default": 2, "demo_conversations": 2, "stdlib_docs": 2, "mixers": 2, "multimodal": 2,

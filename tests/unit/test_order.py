@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from llmtrain.data.order import GlobalOrderBatchSampler
 from llmtrain.run.ledger import LEDGER_DIR, samples_per_step
-from llmtrain.run.trainer import IndexedCollator, IndexedSamples
+from llmtrain.run.trainer import IndexedCollator, IndexedSamples, TrainLoader
 
 SAMPLES = 103  # not a multiple of any global batch below: the partial one is left out
 
@@ -64,10 +63,10 @@ def test_a_training_set_smaller_than_one_global_batch_fills_one_step_by_repeatin
 def test_the_stateful_loader_resumes_exactly_from_its_saved_state(workers: int) -> None:
     dataset = IndexedSamples([{"input_ids": [i, i + 1]} for i in range(SAMPLES)])
 
-    def loader() -> StatefulDataLoader:
+    def loader() -> TrainLoader:
         sampler = GlobalOrderBatchSampler(SAMPLES, 2, 2, rank=0, world_size=2, seed=7)
         collate = IndexedCollator(lambda features: {"input_ids": torch.tensor([f["input_ids"] for f in features])})
-        return StatefulDataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+        return TrainLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
 
     uninterrupted = [batch["sample_indices"].tolist() for batch in loader()]
     first = loader()

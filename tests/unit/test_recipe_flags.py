@@ -155,6 +155,8 @@ def test_the_tokenizer_path_is_logged_under_its_new_name_and_not_hidden(tmp_path
     assert line.endswith(f"(CLI overrides: --use_cpu --tokenizer_name_or_path {TINY})")
     assert redact_secrets(["--tokenizer_name", TINY]) == ["--tokenizer_name", TINY]
     assert redact_secrets(["--hub-token", "hf_x"]) == ["--hub-token", "***"]  # the hyphen spelling is a secret too
+    with pytest.raises(ConfigError, match=r"^--hub-token is not supported .*HF_TOKEN"):  # and refused as one
+        parse(["--hub-token", "hf_x"])
 
 
 def test_the_recipes_own_pretrain_and_finetune_commands_parse(tmp_path: Path) -> None:

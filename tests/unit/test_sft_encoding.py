@@ -298,3 +298,16 @@ def test_mask_check_refuses_unsupervised_data_and_a_never_supervised_end_of_turn
     no_eot = {"input_ids": good["input_ids"], "labels": [t if t != eot_id else IGNORE_INDEX for t in good["labels"]]}
     with pytest.raises(DataError, match="end-of-turn token is never supervised"):
         check_masks(counted(no_eot), eot_id)
+
+
+def test_the_sft_code_version_hashes_every_module_that_shapes_a_row() -> None:
+    """Editing any function on the path from a record to a stored row must rebuild prepared rows."""
+    from llmtrain.data import sft
+    from llmtrain.data.fitting import smallest_fitting
+    from llmtrain.data.prefix_tree import tree_samples
+    from llmtrain.data.sft_rows import pack_order, pack_split
+
+    row_shaping = [smallest_fitting, tree_samples, pack_order, pack_split, sft.fit_conversation, sft.iter_conversations]
+    hashed_modules = {module.__name__ for module in sft.ROW_SHAPING_MODULES}
+    for function in row_shaping:
+        assert function.__module__ in hashed_modules, function

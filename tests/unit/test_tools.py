@@ -176,6 +176,38 @@ def test_merge_cli_error_is_one_line_and_exit_2(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("tool", "args"),
+    [
+        (chat, ["--model", "MODEL", "--prompt", QUESTION]),
+        (merge, ["--adapter", "MODEL", "--output", "OUTPUT"]),
+        (compare, ["--models", "MODEL", "--prompts", QUESTION, "--output", "OUTPUT"]),
+    ],
+    ids=["chat", "merge", "compare"],
+)
+def test_a_tool_refuses_a_secret_flag_before_it_runs(
+    tool: Any,
+    args: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Each tool's own argparse would echo the flag back, value and all, as an unrecognized argument.
+    token = "hf_toolSecretValue9"
+    named = {"MODEL": str(tmp_path / "model"), "OUTPUT": str(tmp_path / "output")}
+    monkeypatch.setattr(sys, "argv", [tool.__name__, *(named.get(arg, arg) for arg in args), f"--hub-token={token}"])
+    assert run_cli(tool.main) == USER_ERROR_EXIT_CODE
+    (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert error == (
+        "--hub-token is not supported (a credential never goes in a flag, which ps and every record of the command "
+        "show): set the HF_TOKEN environment variable instead (or run `hf auth login`)"
+    )
+    printed = capsys.readouterr()
+    assert token not in caplog.text + printed.out + printed.err
+    assert not (tmp_path / "output").exists()
+
+
 # --- chat ------------------------------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ def test_a_stored_login_chooses_cloud_and_its_key_is_never_logged(
     )
     resume, callback = swanlab_callbacks(train, {"learning_rate": 1.0}, "runid0123456789abcdefg")
     assert isinstance(resume, SwanLabResume) and resume.mode == "cloud"
-    init_kwargs = resume.callback._init_kwargs  # what SwanLab's callback hands to swanlab.init
+    init_kwargs = resume.init_kwargs  # what SwanLabResume hands to swanlab.init
     assert resume.callback is callback
     assert init_kwargs["mode"] == "cloud" and init_kwargs["resume"] == "allow"
     assert init_kwargs["id"] == "runid0123456789abcdefg"
@@ -86,6 +86,26 @@ def test_a_login_stored_for_another_host_is_not_used(swanlab_home: Path, monkeyp
     assert choose_swanlab_mode(None)[0] == "local"
 
 
+def test_the_swanlab_run_opens_once_under_the_run_id_with_the_trainers_config(swanlab_home: Path) -> None:
+    import swanlab
+
+    _, _, train = parse_args(
+        (ModelArguments, PretrainDataArguments, TrainArguments),
+        ["--report_to", "swanlab", "--swanlab_mode", "offline", "--output_dir", str(swanlab_home / "out")],
+    )
+    resume, callback = swanlab_callbacks(train, {"learning_rate": 1.0}, "runid0123456789abcdefg")
+    try:
+        resume.on_train_begin(train, TrainerState(), TrainerControl())
+        callback.on_train_begin(train, TrainerState(), TrainerControl())  # SwanLab's own: finds it all done
+        run = swanlab.get_run()
+        assert run.id == "runid0123456789abcdefg"
+        assert run.config["llmtrain"] == {"learning_rate": 1.0} and run.config["FRAMEWORK"] == "transformers"
+    finally:
+        swanlab.finish()
+    run_dirs = [path.name for path in Path(str(train.swanlab_log_dir)).iterdir() if path.name.startswith("run-")]
+    assert len(run_dirs) == 1 and run_dirs[0].endswith("-runid0123456789abcdefg"), run_dirs
+
+
 class RecordingCallback:
     def __init__(self) -> None:
         self.logged: list[tuple[int, dict[str, Any]]] = []
@@ -104,7 +124,7 @@ def test_replay_logs_the_checkpoint_history_up_to_the_resume_step_each_at_its_st
     ]
     before = copy.deepcopy(state.log_history)
     recorder = RecordingCallback()
-    resume = SwanLabResume(recorder, run_id="r", mode="local", log_dir=tmp_path)
+    resume = SwanLabResume(recorder, run_id="r", mode="local", log_dir=tmp_path, init_kwargs={})
     assert resume.replay(None, state, TrainerControl()) == 2  # type: ignore[arg-type]
     assert recorder.logged == [
         (2, {"loss": 8.0, "tokens_per_second": 10.0}),
@@ -119,13 +139,14 @@ def test_interrupted_attempts_are_this_run_ids_directories_only(tmp_path: Path) 
         (tmp_path / name).mkdir()
     (tmp_path / "run-20260101_000000-myrun-host-12").mkdir()  # swanlab's parallel naming: found by its run file
     (tmp_path / "run-20260101_000000-myrun-host-12" / "run-myrun.swanlab").touch()
-    resume = SwanLabResume(None, run_id="myrun", mode="local", log_dir=tmp_path)
+    resume = SwanLabResume(None, run_id="myrun", mode="local", log_dir=tmp_path, init_kwargs={})
     assert [path.name for path in resume.interrupted_attempts()] == [
         "run-20260101_000000-myrun",
         "run-20260101_000000-myrun-host-12",
         "run-20260102_000000-myrun",
     ]
-    assert SwanLabResume(None, run_id="x", mode="local", log_dir=tmp_path / "absent").interrupted_attempts() == []
+    absent = SwanLabResume(None, run_id="x", mode="local", log_dir=tmp_path / "absent", init_kwargs={})
+    assert absent.interrupted_attempts() == []
 
 
 def test_dropping_dashboard_entries_frees_the_name_and_keeps_other_runs(tmp_path: Path) -> None:

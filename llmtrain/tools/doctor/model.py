@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import importlib.util
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from llmtrain.compat import without_deepspeed_zero3_init
 from llmtrain.config.arguments import FinetuneArguments, ModelArguments, PretrainDataArguments, SFTDataArguments
 from llmtrain.data.chat_masks import check_chat_tokenizer
 from llmtrain.data.collate import choose_layout
@@ -55,7 +54,9 @@ def count_parameters(
     Raises the fine-tuning method's :class:`~llmtrain.errors.ConfigError` (a LoRA target that
     matches nothing, more trainable layers than the model has).
     """
-    with _without_zero3_init(), torch.device("meta"):
+    # Parsing --deepspeed with a ZeRO-3 config makes transformers build every model inside deepspeed.zero.Init,
+    # which needs the ranks' process group (in one process it looks for mpi4py); the count needs none of that.
+    with without_deepspeed_zero3_init(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             copy.deepcopy(model_config), trust_remote_code=model_args.trust_remote_code
         )
@@ -66,24 +67,6 @@ def count_parameters(
         model = apply_finetuning_method(model, method_args, activation_checkpointing=False)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     return ParameterCounts(unique=unique, saved=saved, trainable=trainable, adapter_only=adapter_only)
-
-
-@contextlib.contextmanager
-def _without_zero3_init() -> Iterator[None]:
-    """Build a plain model while the parsed arguments name a ZeRO-3 DeepSpeed config.
-
-    Parsing ``--deepspeed ds_config_zero3.json`` registers the config globally, and transformers then
-    builds every model inside ``deepspeed.zero.Init``, which needs the ranks' process group (in one
-    process it looks for mpi4py: "No module named 'mpi4py'"). The count needs none of that.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def local_source(source: str, filename: str) -> Path | None:

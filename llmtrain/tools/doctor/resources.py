@@ -98,7 +98,7 @@ def estimate_disk(
     per_parameter = DEEPSPEED_OPTIMIZER_BYTES if deepspeed else 2 * moment_bytes
     optimizer = 0 if training_args.save_only_model else counts.trainable * per_parameter
     per_checkpoint = weights + deepspeed_copy + optimizer + extra_bytes + SMALL_FILES_BYTES
-    limit = training_args.save_total_limit
+    limit = training_args.checkpoint_limit  # the user's save_total_limit (TrainArguments holds it)
     note = ""
     if training_args.save_strategy == "no":
         kept = 0
