@@ -8,7 +8,7 @@ shard (fp32 master weights + Adam's two moments, ~5.9 GB, ``torch.save``), timed
 writes them (no fsync: what the training waits for). Then hashes them, alternating the sides:
 
 * **sequential**: one file after the other (``sha256_files(paths, workers=1)``);
-* **parallel**: ``llmtrain.run.checkpoints.sha256_files`` as a save runs it (one thread per CPU,
+* **parallel**: ``llmtrain.run.completeness.sha256_files`` as a save runs it (one thread per CPU,
   whole files, largest first);
 * **split** (not implemented, measured to decide): the same threads on 1 GiB segments, so one big
   file is hashed by several threads (its digest would then not be ``sha256sum``'s).
@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench.common import Result, machine, median, print_result, set_threads, timed
-from llmtrain.run.checkpoints import available_cpus, sha256_files
+from llmtrain.run.completeness import available_cpus, sha256_files
 
 QWEN_0_5B_PARAMS = 494_032_768  # configs/model/qwen2.5-0.5b.json, tied embeddings
 QWEN_0_5B_EMBEDDING = 151_936 * 896

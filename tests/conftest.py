@@ -7,15 +7,21 @@ output under pytest's tmp dirs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pickle
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -24,9 +30,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from llmtrain.paths import TINY_MODEL_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Two pytest-xdist workers share the cores: one thread each for torch in the workers and in what they start
+# (the launcher already gives each CPU rank its share). More would only spin-wait for a core the other worker holds.
+SHARED_CORES = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if SHARED_CORES:
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +98,83 @@ def run_entry(
         timeout=timeout,
         check=False,
     )
+
+
+class EntryServer:
+    """Runs ``python ENTRY ARGS`` through a fork server (``tests/entry_server.py``) that imported the entry
+    points once: the same code, argv, directory, environment and exit code as :func:`run_entry`, without
+    ~9 s of imports per run. For the integration tier's single-process runs; launches stay real processes.
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.runs = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.entry_server"], cwd=REPO_ROOT, env=subprocess_env(tmp_path),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self._reply() == {"ready": True}
+
+    def _reply(self, timeout: float = 120) -> dict:
+        """The server's next line; past ``timeout`` seconds the server and its run are killed."""
+        assert self.process.stdout is not None
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not readable:
+            for process in [*psutil.Process(self.process.pid).children(recursive=True), self.process]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            raise subprocess.TimeoutExpired(self.process.args, timeout)
+        line = self.process.stdout.readline()
+        assert line, f"the entry server exited with {self.process.wait()}"
+        return json.loads(line)
+
+    def run(
+        self, args: list[str], tmp_path: Path, entry: str = "pretrain.py", timeout: float = 300, **env: str | None
+    ) -> subprocess.CompletedProcess[str]:
+        self.runs += 1
+        stdout, stderr = (self.tmp_path / f"run-{self.runs}.{name}" for name in ("stdout", "stderr"))
+        request = {"entry": entry, "args": args, "cwd": str(tmp_path), "env": subprocess_env(tmp_path, **env),
+                   "stdout": str(stdout), "stderr": str(stderr)}  # fmt: skip
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        returncode = self._reply(timeout)["returncode"]
+        return subprocess.CompletedProcess(
+            [entry, *args], returncode, stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
+        )
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+_shared_entry_server: list[EntryServer] = []
+
+
+def shared_entry_server() -> EntryServer:
+    """The session's :class:`EntryServer`, started on first use and closed at the end of the session."""
+    if not _shared_entry_server:
+        _shared_entry_server.append(EntryServer(Path(tempfile.mkdtemp(prefix="llmtrain-entry-server-"))))
+    return _shared_entry_server[0]
+
+
+def served_entry(
+    args: list[str], tmp_path: Path, entry: str = "pretrain.py", timeout: float = 300, **env: str | None
+) -> subprocess.CompletedProcess[str]:
+    """:func:`run_entry` through the session's :class:`EntryServer`: for the many single-process runs of the
+    integration tier (a real ``python ENTRY`` launch costs ~9 s of imports more). Not thread-safe."""
+    return shared_entry_server().run(args, tmp_path, entry=entry, timeout=timeout, **env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_the_shared_entry_server() -> Iterator[None]:
+    yield
+    while _shared_entry_server:
+        server = _shared_entry_server.pop()
+        server.close()
+        shutil.rmtree(server.tmp_path, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -312,3 +404,41 @@ def loss_and_grads(model, batch: dict, **kwargs: object) -> tuple:
     outputs = model(**batch, **kwargs)
     outputs.loss.backward()
     return outputs, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], T]) -> T:
+    """``build(directory)``, once per session, for every test that needs it, whichever worker runs it.
+
+    Under pytest-xdist the first worker to need it builds it in the session's shared temporary root
+    while holding a lock; the result is pickled beside it, and every later caller (the other worker,
+    or this one after pytest tore a module fixture down) loads that instead of building again. For
+    the runs several tests read: a reference run, a run whose results tests check one by one.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # .../pytest-N/popen-gwK -> .../pytest-N, shared by the workers
+    directory = root / name
+    result = directory / ".built.pickle"
+    with (root / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if result.is_file():
+            return pickle.loads(result.read_bytes())
+        shutil.rmtree(directory, ignore_errors=True)  # a failed attempt's leftovers
+        directory.mkdir(parents=True)
+        value = build(directory)
+        result.write_bytes(pickle.dumps(value))
+        return value
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Hand the longest tests out first (``pytest -n 2 --dist load --maxschedchunk 1``, pyproject.toml: each
+    worker takes the next test when it is free), and the many short ones fill the gaps at the end: the
+    slow single-process runs of the integration tier (one test each, the quick start's the longest), then
+    the launches of the distributed tier, then the rest, each in collection order."""
+
+    def order(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if "integration" in item.path.parts else 1
+
+    items.sort(key=order)

@@ -24,8 +24,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from llmtrain.config.sources import parse_sources
 from llmtrain.data.conversations import CONVERSATION_FILES
 from llmtrain.data.documents import DOCUMENT_FILES
@@ -238,25 +236,3 @@ def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             elif old.get("digest") and new.get("digest") and old["digest"] != new["digest"]:
                 changes.append(f"{split}_files: {path} changed (same size, other content)")
     return changes
-
-
-def train_validation_splits(
-    records: datasets.Dataset, validation: datasets.Dataset | None, percentage: float, unit: str
-) -> dict[str, datasets.Dataset]:
-    """``{"train", "validation"}``: the given validation set, or ``percentage``% of ``records`` held out.
-
-    The hold-out uses a fixed seed; ``percentage == 0`` and no validation set means train only.
-    ``unit`` ("documents", "conversations") names what is counted in the error for a split that
-    would leave nothing out.
-    """
-    if validation is not None:
-        return {"train": records, "validation": validation}
-    if percentage <= 0:
-        return {"train": records}
-    try:
-        divided = records.train_test_split(test_size=percentage / 100, seed=VALIDATION_SPLIT_SEED)
-    except ValueError as error:
-        raise DataError(
-            f"validation_split_percentage={percentage} leaves no validation {unit} out of {len(records)}: {error}"
-        ) from error
-    return {"train": divided["train"], "validation": divided["test"]}

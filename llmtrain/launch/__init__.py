@@ -7,7 +7,8 @@ do: :mod:`llmtrain.config.secrets`), picks the topology from the environment (:m
 checks the output dir, writes ``<output_dir>/logs/launch-<time>-node<N>.sh`` (the command) and
 ``.log`` (the whole console), runs the preflight
 (:mod:`llmtrain.tools.doctor`) in this process while the job starts (the ranks wait for its verdict
-before ``main``), starts DeepSpeed's runner (``HOSTFILE``: pdsh over ssh) or torchrun (``NNODES``),
+before ``main``), starts DeepSpeed's per-node launcher (one node), DeepSpeed's runner (``HOSTFILE``:
+pdsh over ssh) or torchrun (``NNODES``),
 and supervises it: restarts a crashed run while it makes progress, turns a SIGTERM, SIGINT or SIGHUP
 into a stop that reaches every rank on every host (:mod:`llmtrain.supervision`), and reports a lost
 node. Variables: ``NUM_GPUS``, ``CUDA_VISIBLE_DEVICES``, ``NPROC``, ``HOSTFILE``, ``NNODES``,

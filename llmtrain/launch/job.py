@@ -1,14 +1,16 @@
 """One attempt of the job as local processes: started, its output pumped, its exit code read, and killed to the last.
 
-The job (DeepSpeed's runner or torchrun, and whatever they start) runs in a session of its own, so
-a signal to the launcher's process group (``scancel``, ``timeout``, Ctrl-C) reaches the launcher
-alone, which then stops the ranks the way it chooses. Two kernel features keep the job from
+The job (DeepSpeed's per-node launcher or runner, or torchrun, and whatever they start) runs in a
+session of its own, so a signal to the launcher's process group (``scancel``, ``timeout``, Ctrl-C)
+reaches the launcher alone, which then stops the ranks the way it chooses. Two kernel features keep the job from
 outliving the launcher on this host:
 
-* the runner gets ``PR_SET_PDEATHSIG`` (SIGTERM when the launcher dies, even by SIGKILL);
+* DeepSpeed's runner and torchrun get ``PR_SET_PDEATHSIG`` (SIGTERM when the launcher dies, even by
+  SIGKILL; not DeepSpeed's per-node launcher, see :attr:`llmtrain.launch.plan.Plan.job_dies_with_launcher`);
 * the launcher is a child subreaper (``PR_SET_CHILD_SUBREAPER``): processes orphaned inside the
-  job (torchrun's workers, DeepSpeed's ``launch.py`` after its runner died) become its children, so
-  every local process of the job is a descendant of the launcher, and killing the job kills them all.
+  job (torchrun's workers, DeepSpeed's ``launch.py`` after its runner died, the ranks after a
+  ``launch.py`` died) become its children, so every local process of the job is a descendant of the
+  launcher, and killing the job kills them all.
 
 The job's stdout and stderr are one pipe; the job has ended when its top process has exited and
 every process holding the pipe has closed it (the ranks, their data loader workers, pdsh and ssh).
@@ -74,9 +76,16 @@ def exit_status(returncode: int) -> int:
 class Job:
     """The job's processes on this host (module docstring)."""
 
-    def __init__(self, command: Sequence[str], env: Mapping[str, str], pump: Callable[[Iterable[bytes]], None]) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        pump: Callable[[Iterable[bytes]], None],
+        dies_with_launcher: bool = True,
+    ) -> None:
         self.command = list(command)
         self.env = dict(env)
+        self.dies_with_launcher = dies_with_launcher
         self._pump = pump
         self.process: subprocess.Popen[bytes] | None = None
         self._pumping: threading.Thread | None = None
@@ -90,7 +99,7 @@ class Job:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_launcher,
+            preexec_fn=_die_with_launcher if self.dies_with_launcher else None,
         )
         assert self.process.stdout is not None
         descriptor = self.process.stdout.fileno()
@@ -105,7 +114,7 @@ class Job:
         return self.process.pid
 
     def top_exited(self) -> bool:
-        """Whether the job's top process (the runner or torchrun) has exited."""
+        """Whether the job's top process (DeepSpeed's per-node launcher or runner, or torchrun) has exited."""
         return self.process is not None and self.process.poll() is not None
 
     def ended(self) -> bool:

@@ -8,6 +8,8 @@ having written nothing.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -215,7 +217,8 @@ class Plan:
         return self.inputs.output_dir
 
     def command(self, env_file: Path | None = None) -> list[str]:
-        """The job's argv: DeepSpeed's runner (with pdsh under HOSTFILE) or torchrun under NNODES."""
+        """The job's argv: DeepSpeed's runner with pdsh under HOSTFILE, torchrun under NNODES, and on one
+        node DeepSpeed's per-node launcher (:func:`local_deepspeed_launch`)."""
         s, python = self.settings, self.settings.python
         if s.hostfile:
             launcher = ["env", f"DS_ENV_FILE={env_file}"] if env_file is not None else []
@@ -229,21 +232,48 @@ class Plan:
                 "--master_addr", s.master_addr, "--master_port", str(s.master_port),
                 "--nproc_per_node", str(self.topology.ranks),
             ]  # fmt: skip
-        elif self.topology.devices:
-            # --num_gpus would make DeepSpeed ignore CUDA_VISIBLE_DEVICES; --include honours it.
-            launcher = [
-                python,
-                "-u",
-                "-m",
-                "deepspeed.launcher.runner",
-                "--include",
-                f"localhost:{self.topology.devices}",
-            ]
-            launcher += ["--master_port", str(s.master_port)]
         else:
-            launcher = [python, "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.topology.ranks)]
-            launcher += ["--master_port", str(s.master_port)]
+            launcher = local_deepspeed_launch(python, self.topology, s.master_port)
         return [*launcher, str(s.entry), *self.args]
+
+    @property
+    def job_dies_with_launcher(self) -> bool:
+        """Whether the job's top process gets SIGTERM when the launcher dies (:mod:`llmtrain.launch.job`).
+
+        DeepSpeed's runner and torchrun do. DeepSpeed's per-node launcher does not: on SIGTERM it would
+        give its ranks 30 s to end before it SIGKILLs them, where the ranks, seeing their launcher gone,
+        stop by themselves and have the whole grace period to save (:mod:`llmtrain.supervision`).
+        """
+        return bool(self.settings.hostfile) or self.settings.nnodes > 1
+
+
+def local_deepspeed_launch(python: str, topology: Topology, master_port: int | str) -> list[str]:
+    """DeepSpeed's per-node launcher for the ranks of this node, as DeepSpeed's runner would start it.
+
+    For local resources the runner (``deepspeed.launcher.runner.main``, DeepSpeed 0.19) only encodes the
+    ranks' devices as ``--world_info`` (``{"localhost": [ids]}``: the ``--include`` devices, or the first
+    ``--num_gpus`` ids), starts ``deepspeed.launcher.launch`` with them and waits; started directly, the
+    launch saves one process that imports DeepSpeed and torch (~1.5 s). The per-node launcher sets each
+    rank's ``CUDA_VISIBLE_DEVICES``, ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``.
+
+    >>> command = local_deepspeed_launch("py", Topology(gpus=2, ranks=2, gpus_from="", hosts=1, devices="4,5"), 29500)
+    >>> command[3], command[5:]
+    ('deepspeed.launcher.launch', ['--master_addr=127.0.0.1', '--master_port=29500', '--log_level=info'])
+    >>> json.loads(base64.urlsafe_b64decode(command[4].removeprefix("--world_info=")))
+    {'localhost': [4, 5]}
+    >>> cpu = local_deepspeed_launch("py", Topology(gpus=0, ranks=3, gpus_from="", hosts=1), 29500)
+    >>> json.loads(base64.urlsafe_b64decode(cpu[4].removeprefix("--world_info=")))
+    {'localhost': [0, 1, 2]}
+    """
+    if topology.devices:
+        devices: list[int | str] = [int(d) if d.isdigit() else d for d in topology.devices.split(",")]
+    else:
+        devices = list(range(topology.ranks))
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": devices}).encode()).decode()
+    return [
+        python, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+        "--master_addr=127.0.0.1", f"--master_port={master_port}", "--log_level=info",
+    ]  # fmt: skip
 
 
 def make_plan(entry_file: str, user_args: Sequence[str], env: Mapping[str, str], cwd: Path) -> Plan:

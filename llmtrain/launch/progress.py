@@ -1,22 +1,20 @@
 """Whether an attempt made progress: a complete checkpoint it wrote itself, judged by the ranks' own rule.
 
-Complete means what resume means (:func:`llmtrain.run.checkpoints.checkpoint_problem`, the same
-check :func:`~llmtrain.run.checkpoints.find_resume_checkpoint` makes). That module imports the
-training stack, so it is imported only once an attempt has ended; what the launcher records before
-an attempt is cheap: which checkpoints already carried a completion marker, and which marker file
-it was. The attempt made progress when the newest complete checkpoint afterwards carries a marker
-that was not there before it began.
+Complete means what resume means (:func:`llmtrain.run.completeness.checkpoint_problem`, the same
+check :func:`~llmtrain.run.checkpoints.find_resume_checkpoint` makes; standard library only, so the
+launcher never imports the training stack). What the launcher records before an attempt is cheap:
+which checkpoints already carried a completion marker, and which marker file it was. The attempt
+made progress when the newest complete checkpoint afterwards carries a marker that was not there
+before it began.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-COMPLETE_MARKER = "llmtrain_complete.json"  # llmtrain.run.checkpoints.COMPLETE_MARKER (that module is heavy)
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+from llmtrain.run.completeness import CHECKPOINT_PATTERN, COMPLETE_MARKER, checkpoint_problem, list_checkpoints
 
 
 def marker_identities(output_dir: Path) -> dict[int, tuple[int, int, int]]:
@@ -25,7 +23,7 @@ def marker_identities(output_dir: Path) -> dict[int, tuple[int, int, int]]:
     if not output_dir.is_dir():
         return found
     for entry in os.scandir(output_dir):
-        match = CHECKPOINT_NAME.match(entry.name)
+        match = CHECKPOINT_PATTERN.match(entry.name)
         if match is None:
             continue
         try:
@@ -38,8 +36,6 @@ def marker_identities(output_dir: Path) -> dict[int, tuple[int, int, int]]:
 
 def newest_complete_step(output_dir: Path) -> int | None:
     """The step of the newest checkpoint a resume would take, or None."""
-    from llmtrain.run.checkpoints import checkpoint_problem, list_checkpoints
-
     for checkpoint in list_checkpoints(output_dir):
         if checkpoint_problem(checkpoint, verify_checksums=True) is None:
             return int(checkpoint.name.rsplit("-", 1)[1])

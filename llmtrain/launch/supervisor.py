@@ -226,7 +226,7 @@ class Launcher:
             self.control.update(attempt=attempt, **({} if attempt == 1 else {"state": RUN, "signal": ""}))
             self.stop_deadline, self.killed = None, False
             progress = Progress.before_attempt(self.output_dir)
-            self.job = Job(command, job_env, self.console.pump).start()
+            self.job = Job(command, job_env, self.console.pump, self.plan.job_dies_with_launcher).start()
             if attempt == 1 and not self.settings.skip_doctor:
                 self.preflight = Preflight(self.settings.stage, self.plan.args, self.console).start()
             self._supervise(self.job)
@@ -264,10 +264,10 @@ class Launcher:
     def _status(job_status: int, rank_codes: dict[int, int]) -> int:
         """The run's exit code: the job's, or the ranks' own where the launchers in between report another.
 
-        torchrun exits 1 whatever its workers' codes; DeepSpeed's runner exits with its ``launch.py``'s,
-        which is the first failing rank's, but 1 when ``launch.py`` itself was signalled, and the runner
-        dies (143) when it is. When the ranks that recorded a code agree on one of ours (2, 3, 75), that
-        is the run's.
+        torchrun exits 1 whatever its workers' codes; DeepSpeed's per-node ``launch.py`` exits with the
+        first failing rank's code, but 1 when it was itself signalled, and its runner (under ``HOSTFILE``)
+        passes that on, or dies (143) when it is signalled. When the ranks that recorded a code agree on one
+        of ours (2, 3, 75), that is the run's.
 
         >>> Launcher._status(1, {0: 75, 1: 75}), Launcher._status(143, {0: 75}), Launcher._status(247, {0: 1})
         (75, 75, 247)
@@ -308,7 +308,7 @@ class Launcher:
             )
             return status
         if status in (128 + signal.SIGHUP, 128 + signal.SIGINT, 128 + signal.SIGTERM):
-            # DeepSpeed's runner or torchrun was itself stopped by a signal: a stop request, not a crash.
+            # DeepSpeed's launcher or torchrun was itself stopped by a signal: a stop request, not a crash.
             name = signal.Signals(status - 128).name
             step = newest_complete_step(self.output_dir)
             self._say(
@@ -385,7 +385,7 @@ class Launcher:
                 self._say(f"launch: the ranks did not stop within {within}; killing them")
                 self._kill(job)
             if job.top_exited() and self.stop_deadline is None and self.preflight is None:
-                # The runner (or torchrun) is gone but some of its processes are not: ask them to stop too.
+                # The job's top process is gone but some of its processes are not: ask them to stop too.
                 self._request_stop(None)
             if self.peers is not None:
                 self._watch_peers(job, now)

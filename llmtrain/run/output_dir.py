@@ -27,7 +27,8 @@ import yaml
 from llmtrain.config.arguments import TrainArguments, resume_keys
 from llmtrain.errors import ConfigError
 from llmtrain.paths import writable_problem
-from llmtrain.run.checkpoints import find_resume_checkpoint, list_checkpoints
+from llmtrain.run.checkpoints import find_resume_checkpoint
+from llmtrain.run.completeness import list_checkpoints
 from llmtrain.run.lock import LOCK_FILE, OutputDirLock, check_not_held
 from llmtrain.run.manifest import read_manifest
 

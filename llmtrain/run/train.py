@@ -19,7 +19,8 @@ from llmtrain.data.collate import SEQUENCE_LAYOUT_KEY
 from llmtrain.data.files import data_changes
 from llmtrain.errors import ConfigError, TrainingPreempted
 from llmtrain.multimodal import MultimodalBase
-from llmtrain.run.checkpoints import convert_to_universal, reporting_full_disk, saved_world_size
+from llmtrain.run.checkpoints import convert_to_universal, reporting_full_disk
+from llmtrain.run.completeness import saved_world_size
 from llmtrain.run.manifest import read_manifest, run_manifest, write_manifest
 from llmtrain.run.output_dir import FINAL_STAGING_DIR, LOSS_CURVE_FILE, SUMMARY_FILE, RunStart, open_output_dir
 from llmtrain.run.tracking import plot_loss_curve

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmtrain.errors import PREEMPTED_EXIT_CODE
-from llmtrain.run.checkpoints import checkpoint_problem
+from llmtrain.run.completeness import checkpoint_problem
 from llmtrain.run.faults import FIRED_FILE
 from llmtrain.run.ledger import read_ledger
 from llmtrain.tools.verify_resume import compare_runs
@@ -35,20 +35,16 @@ from ..conftest import (
     wait_for_checkpoint,
     write_jsonl,
 )
+from .conftest import REFERENCE_STEPS, pretrain_reference_command
 from .test_preemption import worker_pids
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = REFERENCE_STEPS
 
 
 def command(output_dir: Path) -> list[str]:
-    return [
-        "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
-        "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true", "--report_to", "none",
-        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "3", "--max_steps", str(STEPS),
-        "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2",
-    ]  # fmt: skip
+    return pretrain_reference_command(output_dir)
 
 
 def run(output_dir: Path, log_name: str, *extra: str, **env: str) -> str:
@@ -58,11 +54,9 @@ def run(output_dir: Path, log_name: str, *extra: str, **env: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output_dir = tmp_path_factory.mktemp("exact") / "reference"
-    output = run(output_dir, "reference.log", SKIP_DOCTOR="0")
-    assert "doctor: ok" in output and "doctor: 0 error(s)" in output  # the launcher's preflight ran first
-    return output_dir
+def reference(pretrain_reference: Path) -> Path:
+    """The uninterrupted run every run here must equal (shared with test_interruptions.py)."""
+    return pretrain_reference
 
 
 def assert_identical(reference: Path, resumed: Path) -> None:
@@ -98,10 +92,10 @@ def test_a_run_killed_mid_step_or_mid_save_finishes_bit_identical(
 
 
 def test_a_run_killed_during_its_final_save_only_finishes_the_save(reference: Path) -> None:
-    # Checkpoints every 4 steps put a complete checkpoint at the last step (8), as the issue found it:
-    # the restart resumes there and must not train step 9; saving more often changes no weight.
+    # Checkpoints every 5 steps put a complete checkpoint at the last step (10), as the issue found it:
+    # the restart resumes there and must not train step 11; saving less often changes no weight.
     output_dir = reference.parent / "final-save"
-    output = run(output_dir, "final-save.log", "--save_steps", "4", LLMTRAIN_FAULT=f"kill_during_final_save={STEPS}")
+    output = run(output_dir, "final-save.log", "--save_steps", "5", LLMTRAIN_FAULT=f"kill_during_final_save={STEPS}")
     assert "killing this rank now (SIGKILL)" in output and (output_dir / FIRED_FILE).exists()
     assert f"restart 1/2 resumes from step {STEPS}" in output
     assert f"step {STEPS} already reaches max_steps={STEPS}: nothing left to train" in output
@@ -162,6 +156,7 @@ def test_a_two_rank_run_resumed_on_one_rank_trains_the_same_samples_step_for_ste
         sys.executable, "-m", "llmtrain.tools.verify_resume", "pretrain", "--steps", str(STEPS), "--kill_after", "4",
         "--save_every", "3", "--workdir", str(workdir), "--resume_nproc", "1", "--reference", str(reference),
         "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2", "--save_total_limit", "10",
+        "--per_device_train_batch_size", "4",
     ]  # fmt: skip
     env = subprocess_env(tmp_path, NPROC="2", MASTER_PORT=str(free_port()))
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmtrain.errors import DIVERGED_EXIT_CODE
-from llmtrain.run.checkpoints import checkpoint_problem
+from llmtrain.run.completeness import checkpoint_problem
 
 from ..conftest import REPO_ROOT, free_port, launch, read_summary, wait
 
@@ -27,7 +27,8 @@ def command(output_dir: Path, *extra: str) -> list[str]:
     return [
         "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
         "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true", "--report_to", "none",
-        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2", "--max_steps", "6", *extra,
+        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2", "--max_steps", "6",
+        "--per_device_train_batch_size", "4", *extra,
     ]  # fmt: skip
 
 

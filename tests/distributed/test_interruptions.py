@@ -30,7 +30,8 @@ import psutil
 import pytest
 
 from llmtrain.errors import PREEMPTED_EXIT_CODE
-from llmtrain.run.checkpoints import checkpoint_problem, find_resume_checkpoint
+from llmtrain.run.checkpoints import find_resume_checkpoint
+from llmtrain.run.completeness import checkpoint_problem
 from llmtrain.run.ledger import read_ledger
 from llmtrain.tools.verify_resume import compare_runs
 
@@ -45,21 +46,21 @@ from ..conftest import (
     wait_for_checkpoint,
     write_jsonl,
 )
+from .conftest import REFERENCE_SAVE_STEPS, REFERENCE_STEPS, pretrain_reference_command
 
 pytestmark = pytest.mark.slow
 
-STEPS = 16
-SAVE_STEPS = 4
-SIGNAL_AFTER_STEP = 6  # well past checkpoint-4 and before checkpoint-8: the signal's own checkpoint is new
+STEPS = REFERENCE_STEPS
+SAVE_STEPS = REFERENCE_SAVE_STEPS
+SIGNAL_AFTER_STEP = 4  # past checkpoint-3 and before checkpoint-6: the signal's own checkpoint is new
+SFT_STEPS = 16  # SFT's steps are shorter: more of them leave the stop time to land before the end
+SFT_SAVE_STEPS = 5
 CREDENTIALS = {"HF_TOKEN": "hf_llmtrainTwoHostsSecret4b2e", "SWANLAB_API_KEY": "sk-llmtrain-two-hosts-secret-91c0"}
 
 
 def pretrain_command(output_dir: Path) -> list[str]:
-    return [
-        "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
-        "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true", "--report_to", "none",
-        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", str(SAVE_STEPS), "--max_steps", str(STEPS),
-    ]  # fmt: skip
+    """The command of the shared uninterrupted reference (tests/distributed/conftest.py)."""
+    return pretrain_reference_command(output_dir)
 
 
 def sft_command(output_dir: Path) -> list[str]:
@@ -72,8 +73,8 @@ def sft_command(output_dir: Path) -> list[str]:
         "--train_files", str(inputs / "chat.jsonl"), "--validation_split_percentage", "0", "--output_dir",
         str(output_dir), "--dataset_cache_dir", str(output_dir.parent / "cache"), "--max_seq_length", "128",
         "--per_device_train_batch_size", "2", "--disable_tqdm", "true", "--logging_steps", "1",
-        "--eval_strategy", "no", "--save_steps", str(SAVE_STEPS), "--max_steps", str(STEPS), "--report_to", "none",
-        "--checkpoint_checksums", "true",
+        "--eval_strategy", "no", "--save_steps", str(SFT_SAVE_STEPS), "--max_steps", str(SFT_STEPS),
+        "--report_to", "none", "--checkpoint_checksums", "true",
     ]  # fmt: skip
 
 
@@ -111,10 +112,10 @@ def training_processes(output_dir: Path) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One uninterrupted run per stage, built on first use."""
+def references(tmp_path_factory: pytest.TempPathFactory, pretrain_reference: Path) -> dict[str, Path]:
+    """One uninterrupted run per stage: pretraining's is shared with test_exact_resume.py; SFT's is built on
+    first use."""
     root = tmp_path_factory.mktemp("interruptions")
-    built: dict[str, Path] = {}
 
     class References(dict):  # type: ignore[type-arg]
         def __missing__(self, stage: str) -> Path:
@@ -124,7 +125,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             self[stage] = output_dir
             return output_dir
 
-    return References(built)
+    return References({"pretrain": pretrain_reference})
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,9 @@ def test_a_signal_through_the_launcher_saves_stops_with_75_and_resumes_bit_ident
     # A complete checkpoint at the interrupted step: the last step every rank trained.
     ledger = read_ledger(output_dir)
     last_step = max(ledger[0])
-    assert max(ledger[1]) == last_step and SIGNAL_AFTER_STEP <= last_step < STEPS
+    assert max(ledger[1]) == last_step and SIGNAL_AFTER_STEP <= last_step < (
+        STEPS if stage == "pretrain" else SFT_STEPS
+    )
     assert complete_steps(output_dir)[-1] == last_step
     assert checkpoint_problem(output_dir / f"checkpoint-{last_step}", verify_checksums=True) is None
     assert not (output_dir / "model.safetensors").exists() and not (output_dir / "adapter_model.safetensors").exists()

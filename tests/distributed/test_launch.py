@@ -14,29 +14,44 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..conftest import REPO_ROOT, free_port, kill_every_rank, launch, read_summary, train_log, wait, wait_for_checkpoint
+from ..conftest import (
+    REPO_ROOT,
+    built_once,
+    free_port,
+    kill_every_rank,
+    launch,
+    read_summary,
+    train_log,
+    wait,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def pretrain_command(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+def pretrain_command(output_dir: Path, cache_dir: Path, *extra: str, every: int = 10) -> list[str]:
+    """``bash pretrain.sh`` on the tiny default, evaluating and saving ``every`` steps."""
     return [
         "bash", str(REPO_ROOT / "pretrain.sh"),
         "--output_dir", str(output_dir), "--dataset_cache_dir", str(cache_dir),
-        "--disable_tqdm", "true", "--logging_steps", "2", "--eval_steps", "10", "--save_steps", "10",
+        "--disable_tqdm", "true", "--logging_steps", "2", "--eval_steps", str(every), "--save_steps", str(every),
         *extra,
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp_path = tmp_path_factory.mktemp("two-rank")
-    output_dir = tmp_path / "out"
-    command = pretrain_command(
-        output_dir, tmp_path / "cache", "--max_steps", "30", "--warmup_steps", "10", "--report_to", "swanlab"
-    )
-    wait(launch(command, tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port())), tmp_path, "run.log")
-    return output_dir
+    """One 2-rank run that the tests below read, built once (:func:`tests.conftest.built_once`)."""
+
+    def build(tmp_path: Path) -> Path:
+        output_dir = tmp_path / "out"
+        command = pretrain_command(
+            output_dir, tmp_path / "cache", "--max_steps", "30", "--warmup_steps", "10", "--report_to", "swanlab"
+        )
+        wait(launch(command, tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port())), tmp_path, "run.log")
+        return output_dir
+
+    return built_once(tmp_path_factory, "two-rank-run", build)
 
 
 def test_two_ranks_ran_the_deepspeed_zero2_engine(two_rank_run: Path) -> None:
@@ -80,7 +95,7 @@ def test_checkpoints_final_safetensors_and_run_records_exist(two_rank_run: Path)
         assert (two_rank_run / name).is_file(), name
     assert not list(two_rank_run.glob("*.bin")) or [p.name for p in two_rank_run.glob("*.bin")] == ["training_args.bin"]
     launch_logs = list((two_rank_run / "logs").glob("launch-*.log"))
-    assert launch_logs and "deepspeed.launcher.runner --num_gpus 2" in launch_logs[0].read_text()
+    assert launch_logs and "-m deepspeed.launcher.launch --world_info=" in launch_logs[0].read_text()
     assert list((two_rank_run / "logs").glob("launch-*.sh"))
     assert any((two_rank_run / "swanlog").rglob("*")), "SwanLab wrote no local run files"
 
@@ -113,10 +128,11 @@ def test_two_simulated_nodes_train_with_world_size_two(tmp_path: Path) -> None:
 
 def test_sigkill_after_a_checkpoint_then_the_same_command_resumes(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    command = pretrain_command(output_dir, tmp_path / "cache", "--max_steps", "40", "--report_to", "none")
+    extra = ["--max_steps", "16", "--report_to", "none", "--per_device_train_batch_size", "4"]
+    command = pretrain_command(output_dir, tmp_path / "cache", *extra, every=4)
     env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
     first = launch(command, tmp_path, "first.log", **env)
-    wait_for_checkpoint(first, output_dir / "checkpoint-10", tmp_path / "first.log")
+    wait_for_checkpoint(first, output_dir / "checkpoint-4", tmp_path / "first.log")
     kill_every_rank(first)
     assert not (output_dir / "train_summary.json").exists(), "the run finished before it could be killed"
     saved_steps = sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*"))
@@ -124,9 +140,9 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_resumes(tmp_path: Path
     env["MASTER_PORT"] = str(free_port())
     output = wait(launch(command, tmp_path, "second.log", **env), tmp_path, "second.log")
     summary = read_summary(output_dir)
-    assert summary["global_step"] == 40
+    assert summary["global_step"] == 16
     resumed_step = int(Path(summary["resumed_from"]).name.split("-")[1])
-    assert resumed_step in saved_steps and resumed_step >= 10
+    assert resumed_step in saved_steps and resumed_step >= 4
     assert f"resuming from {output_dir}/checkpoint-{resumed_step}" in output
     steps_logged = [entry["step"] for entry in train_log(output_dir) if "loss" in entry]
-    assert steps_logged == list(range(2, 41, 2))  # one continuous history, no step repeated or missing
+    assert steps_logged == list(range(2, 17, 2))  # one continuous history, no step repeated or missing

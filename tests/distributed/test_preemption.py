@@ -18,14 +18,15 @@ from ..conftest import REPO_ROOT, free_port, kill_every_rank, launch, read_summa
 
 pytestmark = pytest.mark.slow
 
-STEPS = 30  # checkpoint-10 is written early, and a run killed after it still has steps left to resume
+STEPS = 16  # checkpoint-4 is written early, and a run killed after it still has steps left to resume
 
 
 def command(output_dir: Path, *extra: str) -> list[str]:
     return [
         "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
         "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true", "--report_to", "none",
-        "--logging_steps", "2", "--eval_strategy", "no", "--save_steps", "10", "--max_steps", str(STEPS), *extra,
+        "--logging_steps", "2", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", str(STEPS),
+        "--per_device_train_batch_size", "4", *extra,
     ]  # fmt: skip
 
 
@@ -39,7 +40,7 @@ def worker_pids(launcher_pid: int) -> list[int]:
 def test_a_killed_rank_is_restarted_by_the_launcher_which_finishes_the_run(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     run = launch(command(output_dir), tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1")
-    wait_for_checkpoint(run, output_dir / "checkpoint-10", tmp_path / "run.log")
+    wait_for_checkpoint(run, output_dir / "checkpoint-4", tmp_path / "run.log")
     os.kill(worker_pids(run.pid)[-1], signal.SIGKILL)  # one rank dies; the launcher is untouched
     output = wait(run, tmp_path, "run.log", timeout=600)
     assert "restart 1/1 resumes from step" in output
@@ -72,7 +73,7 @@ def test_two_nodes_under_torchrun_report_the_preemption_exit_code(tmp_path: Path
                MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         for rank in range(2)
     ]  # fmt: skip
-    wait_for_checkpoint(nodes[0], output_dir / "checkpoint-10", tmp_path / "node0.log")
+    wait_for_checkpoint(nodes[0], output_dir / "checkpoint-4", tmp_path / "node0.log")
     for node in nodes:
         for pid in worker_pids(node.pid):
             os.kill(pid, signal.SIGTERM)

@@ -1,11 +1,11 @@
 """A preemption request sent to the training processes, not to the launcher.
 
 Some schedulers, node agents and operators signal the training processes directly: ``kill`` of the
-rank PIDs, or ``pkill python``, which also reaches DeepSpeed's runner and its per-node ``launch.py``.
-Every rank finishes its step, saves a complete checkpoint and exits 75. The runner's own code is
-then 75 (launch.py passes on the first failing rank's code), or 143 (the runner itself was killed)
-while launch.py exits 1; either way the launcher reads the codes the ranks recorded, reports 75
-and never restarts the run (MAX_RESTARTS would otherwise resume it: the attempt made progress).
+rank PIDs, or ``pkill python``, which also reaches DeepSpeed's per-node ``launch.py``. Every rank
+finishes its step, saves a complete checkpoint and exits 75. launch.py, signalled itself, exits 1
+(its own code is the first failing rank's only when it was not); either way the launcher reads the
+codes the ranks recorded, reports 75 and never restarts the run (MAX_RESTARTS would otherwise resume
+it: the attempt made progress).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from llmtrain.errors import PREEMPTED_EXIT_CODE
-from llmtrain.run.checkpoints import checkpoint_problem
+from llmtrain.run.completeness import checkpoint_problem
 
 from ..conftest import REPO_ROOT, complete_steps, free_port, launch, wait_for_checkpoint
 
@@ -26,10 +26,10 @@ pytestmark = pytest.mark.slow
 
 
 def job_pids(launcher_pid: int) -> list[int]:
-    """The Python processes under the launcher: the ranks and DeepSpeed's runner and launch.py."""
+    """The Python processes under the launcher: the ranks and DeepSpeed's per-node launch.py."""
     python = [c for c in psutil.Process(launcher_pid).children(recursive=True) if "python" in c.cmdline()[0]]
     ranks = [c for c in python if any(part.endswith("pretrain.py") for part in c.cmdline()) and "-m" not in c.cmdline()]
-    assert len(ranks) == 2 and len(python) == 4, [c.cmdline()[:4] for c in python]  # runner, launch.py, 2 ranks
+    assert len(ranks) == 2 and len(python) == 3, [c.cmdline()[:4] for c in python]  # launch.py, 2 ranks
     return [c.pid for c in python]
 
 
@@ -41,6 +41,7 @@ def test_sigterm_to_every_python_process_of_the_job_exits_75_without_a_restart(t
         "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
         "--dataset_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true", "--report_to", "none",
         "--logging_steps", "2", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "200",
+        "--per_device_train_batch_size", "4",
     ]  # fmt: skip
     console = tmp_path / "run.log"
     run = launch(command, tmp_path, console.name, NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="2")

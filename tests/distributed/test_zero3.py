@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmtrain.paths import DEMO_CORPUS_PATH
-from llmtrain.run.checkpoints import checkpoint_problem
+from llmtrain.run.completeness import checkpoint_problem
 
-from ..conftest import REPO_ROOT, free_port, launch, read_summary, train_log, wait
+from ..conftest import REPO_ROOT, built_once, free_port, launch, read_summary, train_log, wait
 
 pytestmark = pytest.mark.slow
 
@@ -27,22 +27,26 @@ KILLED_AFTER = 5  # checkpoint-4 is complete by then; step 5 is lost and redone
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    tmp_path = tmp_path_factory.mktemp("zero3")
-    output_dir = tmp_path / "out"
-    command = [
-        "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
-        "--dataset_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true", "--report_to", "none",
-        "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", str(STEPS),
-    ]  # fmt: skip
-    env = {
-        "NPROC": "2",
-        "MASTER_PORT": str(free_port()),
-        "DS_CONFIG": str(REPO_ROOT / "ds_config_zero3.json"),
-        "LLMTRAIN_FAULT": f"kill_after_step={KILLED_AFTER}",
-        "SKIP_DOCTOR": "0",  # the preflight builds the model on the meta device under the ZeRO-3 config too
-    }
-    output = wait(launch(command, tmp_path, "run.log", **env), tmp_path, "run.log", timeout=600)
-    return output_dir, output
+    """One ZeRO-3 run (killed after step 5, resumed by the launcher) that the tests below read, built once."""
+
+    def build(tmp_path: Path) -> tuple[Path, str]:
+        output_dir = tmp_path / "out"
+        command = [
+            "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
+            "--dataset_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true", "--report_to", "none",
+            "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", str(STEPS),
+        ]  # fmt: skip
+        env = {
+            "NPROC": "2",
+            "MASTER_PORT": str(free_port()),
+            "DS_CONFIG": str(REPO_ROOT / "ds_config_zero3.json"),
+            "LLMTRAIN_FAULT": f"kill_after_step={KILLED_AFTER}",
+            "SKIP_DOCTOR": "0",  # the preflight builds the model on the meta device under the ZeRO-3 config too
+        }
+        output = wait(launch(command, tmp_path, "run.log", **env), tmp_path, "run.log", timeout=600)
+        return output_dir, output
+
+    return built_once(tmp_path_factory, "zero3-run", build)
 
 
 def test_zero3_trains_is_killed_and_the_launcher_resumes_it(zero3_run: tuple[Path, str]) -> None:

@@ -1,5 +1,9 @@
 """The bad-input catalogue: each case through the real entry point, as a user would run it.
 
+Each case is its own ``python ENTRY ARGS`` process, forked from an entry server that imported the entry
+points once (the same argv, directory, environment and exit code; a few cases are also run as a plain
+``python ENTRY`` process and must refuse the same way), and the two resume refusals launch it plainly.
+
 Every case must end with exactly one ERROR line that names the file:line or the field, exit
 code 2, no traceback, and nothing written: an output dir that did not exist still does not, one
 that did (another run's model, an earlier checkpoint) is byte-for-byte unchanged, and no
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import socket
@@ -27,7 +32,17 @@ from safetensors.torch import load_file as safetensors_load
 from llmtrain.errors import USER_ERROR_EXIT_CODE
 from llmtrain.run.lock import LOCK_FILE, OutputDirLock
 
-from ..conftest import REPO_ROOT, prose_records, qa_conversations, run_entry, save_random_tiny_model, write_jsonl
+from ..conftest import (
+    REPO_ROOT,
+    EntryServer,
+    built_once,
+    prose_records,
+    qa_conversations,
+    run_entry,
+    save_random_tiny_model,
+    shared_entry_server,
+    write_jsonl,
+)
 
 GOOD_CHAT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
 TWO_SYSTEM_PROMPTS = {
@@ -339,20 +354,40 @@ class Attempt:
 
 @pytest.fixture(scope="module")
 def attempts(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Attempt]:
-    """Every catalogue case, run two at a time: each is a separate process spending most of its ~9 s on
-    imports, so two share the 2 cores of CI without slowing each other much, and the tier halves."""
+    """Every catalogue case, each its own ``python ENTRY ARGS`` run forked from one of two entry servers
+    (the session's and one more :class:`tests.conftest.EntryServer`: the entry points imported once, not
+    ~9 s of imports per case), two at a time on the 2 cores of CI; built once for the whole session
+    (:func:`tests.conftest.built_once`). ``test_the_entry_server_runs_a_case_as_python_would`` checks that
+    a real ``python ENTRY`` launch gives the same refusal."""
 
-    def attempt(name: str) -> tuple[str, Attempt]:
-        tmp = tmp_path_factory.mktemp(name)
+    def build(root: Path) -> dict[str, Attempt]:
+        servers: queue.Queue[EntryServer] = queue.Queue()
+        with ThreadPoolExecutor(max_workers=2) as pool:  # started side by side
+            started = [pool.submit(shared_entry_server), pool.submit(EntryServer, root / "server")]
+            own = started[1].result()
+            for future in started:
+                servers.put(future.result())
+
+        def attempt(name: str) -> tuple[str, Attempt]:
+            tmp = root / name
+            tmp.mkdir()
+            server = servers.get()
+            try:
+                case = CASES[name](tmp, base_model)
+                before = snapshot(case.output_dir)
+                return name, Attempt(case, tmp, before, server.run(case.args, tmp, entry=case.entry))
+            except BaseException as error:  # reported by that case's test, not by every one
+                return name, Attempt(None, tmp, None, error)
+            finally:
+                servers.put(server)
+
         try:
-            case = CASES[name](tmp, base_model)
-            before = snapshot(case.output_dir)
-            return name, Attempt(case, tmp, before, run_entry(case.args, tmp, entry=case.entry))
-        except BaseException as error:  # reported by that case's test, not by every one
-            return name, Attempt(None, tmp, None, error)
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                return dict(pool.map(attempt, sorted(CASES)))
+        finally:
+            own.close()
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(attempt, sorted(CASES)))
+    return built_once(tmp_path_factory, "bad-input-catalogue", build)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -362,6 +397,20 @@ def test_bad_input_fails_with_one_clear_error_and_writes_nothing(name: str, atte
         raise attempt.result
     assert attempt.case is not None
     check_clean_failure(attempt.case, attempt.tmp, attempt.result, attempt.before)
+
+
+@pytest.mark.parametrize("name", ["lora-target-mismatch"])
+def test_the_entry_server_runs_a_case_as_python_would(
+    name: str, attempts: dict[str, Attempt], base_model: Path, tmp_path: Path
+) -> None:
+    """The same case as a real ``python ENTRY ARGS`` process: the same exit code, the same one ERROR line."""
+    served = attempts[name]
+    assert isinstance(served.result, subprocess.CompletedProcess) and served.case is not None
+    case = CASES[name](tmp_path, base_model)
+    error = assert_fails_cleanly(case, tmp_path)
+    served_errors = [line for line in served.result.stdout.splitlines() if " ERROR " in line]
+    strip = re.compile(r"^\S+ |" + re.escape(str(served.tmp)) + "|" + re.escape(str(tmp_path)))
+    assert [strip.sub("", line) for line in served_errors] == [strip.sub("", error)]
 
 
 def test_resuming_a_lora_run_with_changed_lora_settings_is_refused(

@@ -16,7 +16,7 @@ import pytest
 
 from llmtrain.errors import USER_ERROR_EXIT_CODE
 
-from ..conftest import prose_records, run_entry, write_jsonl
+from ..conftest import prose_records, served_entry, write_jsonl
 
 TOKENS = "train/tokens.bin"
 
@@ -29,7 +29,7 @@ def prepare_then_truncate(tmp_path: Path) -> tuple[Path, Path, list[list[int]], 
     """Corpus, dataset prepared from it with its token stream cut in half, its original ids, the expected fault."""
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", prose_records(80))
     tokenized = tmp_path / "tokenized"
-    result = run_entry(["--train_files", str(corpus), *common_args(tokenized), "--prepare_only", "true"], tmp_path)
+    result = served_entry(["--train_files", str(corpus), *common_args(tokenized), "--prepare_only", "true"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     tokens = tokenized / TOKENS
     data = tokens.read_bytes()
@@ -41,7 +41,7 @@ def prepare_then_truncate(tmp_path: Path) -> tuple[Path, Path, list[list[int]], 
 def test_truncated_dataset_is_rebuilt_from_its_train_files(tmp_path: Path) -> None:
     corpus, tokenized, original, fault = prepare_then_truncate(tmp_path)
 
-    result = run_entry(["--train_files", str(corpus), *common_args(tokenized), "--prepare_only", "true"], tmp_path)
+    result = served_entry(["--train_files", str(corpus), *common_args(tokenized), "--prepare_only", "true"], tmp_path)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if " WARNING " in line]
@@ -62,7 +62,7 @@ def test_truncated_dataset_without_its_raw_files_fails_cleanly(raw_files: str, t
     output_dir = tmp_path / "out"
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
-    result = run_entry([*train_files, *common_args(tokenized), "--output_dir", str(output_dir), "--max_steps", "2"],
+    result = served_entry([*train_files, *common_args(tokenized), "--output_dir", str(output_dir), "--max_steps", "2"],
                        tmp_path)  # fmt: skip
 
     output = result.stdout + result.stderr

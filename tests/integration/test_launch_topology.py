@@ -7,6 +7,8 @@ no output dir, no DeepSpeed. Each launch is a few milliseconds of bash.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shlex
@@ -74,12 +76,20 @@ def value_of(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def local_devices(argv: list[str]) -> list[int]:
+    """The devices of a one-node launch: DeepSpeed's per-node launcher's ``--world_info`` (base64 JSON)."""
+    assert argv[1:4] == ["-u", "-m", "deepspeed.launcher.launch"], argv[:6]
+    world_info = next(arg for arg in argv if arg.startswith("--world_info=")).removeprefix("--world_info=")
+    world = json.loads(base64.urlsafe_b64decode(world_info))
+    assert list(world) == ["localhost"]
+    return world["localhost"]
+
+
 def test_plain_gpu_node_uses_every_gpu(tmp_path: Path) -> None:
     result = dry_run(tmp_path, "--output_dir", str(tmp_path / "out"), "--learning_rate", "1.0e-3")
     argv = command(result)
-    assert argv[1:5] == ["-u", "-m", "deepspeed.launcher.runner", "--num_gpus"]
-    assert value_of(argv, "--num_gpus") == "8"
-    assert "--use_cpu" not in argv and "--include" not in argv
+    assert local_devices(argv) == list(range(8))
+    assert "--use_cpu" not in argv
     entry = argv.index(str(REPO_ROOT / "pretrain.py"))
     assert argv[entry + 1 :] == [
         "--deepspeed", str(REPO_ROOT / "ds_config_zero2.json"), "--output_dir", str(tmp_path / "out"),
@@ -90,16 +100,15 @@ def test_plain_gpu_node_uses_every_gpu(tmp_path: Path) -> None:
 
 def test_cuda_visible_devices_becomes_include(tmp_path: Path) -> None:
     argv = command(dry_run(tmp_path, CUDA_VISIBLE_DEVICES="4,5,6,7"))
-    assert value_of(argv, "--include") == "localhost:4,5,6,7"
-    assert "--num_gpus" not in argv and "--use_cpu" not in argv
+    assert local_devices(argv) == [4, 5, 6, 7]  # the per-node launcher sets each rank's CUDA_VISIBLE_DEVICES
+    assert "--use_cpu" not in argv
 
 
 def test_num_gpus_takes_the_first_visible_devices(tmp_path: Path) -> None:
     argv = command(dry_run(tmp_path, NUM_GPUS="2", CUDA_VISIBLE_DEVICES="4,5,6,7"))
-    assert value_of(argv, "--include") == "localhost:4,5"
-    assert "--num_gpus" not in argv  # it would make DeepSpeed drop CUDA_VISIBLE_DEVICES: GPUs 0-1
+    assert local_devices(argv) == [4, 5]  # not GPUs 0-1
     argv = command(dry_run(tmp_path, NUM_GPUS="4", CUDA_VISIBLE_DEVICES="4,5,6,7"))
-    assert value_of(argv, "--include") == "localhost:4,5,6,7"
+    assert local_devices(argv) == [4, 5, 6, 7]
 
 
 def test_num_gpus_beyond_the_visible_devices_is_an_error(tmp_path: Path) -> None:
@@ -112,7 +121,7 @@ def test_num_gpus_beyond_the_visible_devices_is_an_error(tmp_path: Path) -> None
 def test_no_gpu_runs_nproc_cpu_ranks(tmp_path: Path) -> None:
     result = dry_run(tmp_path, smi=SMI_NO_DRIVER, NPROC="2")
     argv = command(result)
-    assert value_of(argv, "--num_gpus") == "2"
+    assert local_devices(argv) == [0, 1]
     assert value_of(argv, "--use_cpu") == "true"
     assert re.search(r"^dry run: exports OMP_NUM_THREADS=[1-9][0-9]*$", result.stdout, re.MULTILINE), result.stdout
 
@@ -151,7 +160,7 @@ def test_nnodes_uses_torchrun_with_this_nodes_gpus(tmp_path: Path) -> None:
 
 def test_finetune_uses_the_same_rules(tmp_path: Path) -> None:
     argv = command(dry_run(tmp_path, "--finetuning_type", "full", script="finetune.sh", CUDA_VISIBLE_DEVICES="6,7"))
-    assert value_of(argv, "--include") == "localhost:6,7"
+    assert local_devices(argv) == [6, 7]
     assert argv[argv.index(str(REPO_ROOT / "finetune.py")) + 1 :][-2:] == ["--finetuning_type", "full"]
 
 

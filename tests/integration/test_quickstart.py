@@ -2,9 +2,10 @@
 
 The same chain as ``quickstart.sh`` (the default pretraining config, then the default SFT config,
 then its ``compare`` command with its own prompts), shortened to fewer steps and one process per
-stage. The fine-tuned model's answers must end at ``<|im_end|>``, under the compare tool and under
-plain ``model.generate`` with nothing but the generation config the run saved; the pretrained
-model's must not; the eval loss must fall.
+stage (each forked from the session's entry server: the same process, without its imports). The
+fine-tuned model's answers must end at ``<|im_end|>``, under the compare tool and under plain
+``model.generate`` with nothing but the generation config the run saved; the pretrained model's
+must not; the eval loss must fall.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..conftest import REPO_ROOT, run_entry, subprocess_env
+from ..conftest import REPO_ROOT, served_entry, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def quickstart_prompts() -> list[str]:
 def test_after_sft_the_tiny_default_answers_in_format_and_ends_its_turn(tmp_path: Path) -> None:
     pretrained, tuned = tmp_path / "pretrain-tiny", tmp_path / "sft-tiny-full"
     common = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
-    pretrain = run_entry(
+    pretrain = served_entry(
         ["--output_dir", str(pretrained), "--max_steps", PRETRAIN_STEPS, "--eval_strategy", "no", *common],
         tmp_path,
         timeout=STAGE_TIMEOUT_S,
@@ -52,7 +53,7 @@ def test_after_sft_the_tiny_default_answers_in_format_and_ends_its_turn(tmp_path
     assert pretrain.returncode == 0, pretrain.stdout[-3000:] + pretrain.stderr[-3000:]
     sft_args = ["--model_name_or_path", str(pretrained), "--output_dir", str(tuned), "--max_steps", SFT_STEPS]
     sft_args += ["--eval_steps", SFT_STEPS, *common]
-    sft = run_entry(sft_args, tmp_path, entry="finetune.py", timeout=STAGE_TIMEOUT_S)
+    sft = served_entry(sft_args, tmp_path, entry="finetune.py", timeout=STAGE_TIMEOUT_S)
     assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
 
     prompts = quickstart_prompts()

@@ -30,8 +30,8 @@ from ..conftest import (
     REPO_ROOT,
     TINY_HYBRID_TEXT,
     reasoning_conversations,
-    run_entry,
     save_random_tiny_qwen3_5_model,
+    served_entry,
     train_log,
     write_jsonl,
 )
@@ -68,7 +68,7 @@ def real_template_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 def finetune(config: str, base: Path, data: Path, tmp_path: Path, *extra: str) -> tuple[Path, str]:
     output_dir = tmp_path / "out"
-    result = run_entry(
+    result = served_entry(
         [str(REPO_ROOT / "configs" / config), "--model_name_or_path", str(base), "--train_files", str(data),
          "--output_dir", str(output_dir), "--tokenized_path", str(tmp_path / "tokenized"), "--max_steps", "3",
          "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
@@ -150,7 +150,7 @@ def test_a_hybrid_config_pretrains_from_scratch(tmp_path: Path) -> None:
 
     config_dir = tmp_path / "config"
     Qwen3_5TextConfig(**TINY_HYBRID_TEXT, vocab_size=4096).save_pretrained(config_dir)
-    result = run_entry(
+    result = served_entry(
         ["--config_name", str(config_dir), "--tokenizer_name_or_path", str(TINY_MODEL_DIR),
          "--output_dir", str(tmp_path / "out"), "--block_size", "64", "--max_steps", "4", "--logging_steps", "1",
          "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"],

@@ -15,8 +15,8 @@ import pytest
 
 from ..conftest import (
     reasoning_conversations,
-    run_entry,
     save_random_tiny_qwen3_model,
+    served_entry,
     train_log,
     write_jsonl,
 )
@@ -28,7 +28,7 @@ CONVERSATIONS = 16  # half of them with two answers (reasoning_conversations): 2
 
 def one_step(base: Path, data: Path, tmp_path: Path, share_prefixes: str, samples: int) -> Path:
     output_dir = tmp_path / f"share-{share_prefixes}"
-    result = run_entry(
+    result = served_entry(
         ["--model_name_or_path", str(base), "--train_files", str(data), "--output_dir", str(output_dir),
          "--finetuning_type", "full", "--packing", "false", "--share_prefixes", share_prefixes,
          "--per_device_train_batch_size", str(samples), "--max_steps", "1", "--logging_steps", "1",

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from llmtrain.data.sft import load_sft_rows
 from llmtrain.paths import TINY_THINK_TEMPLATE
 
-from ..conftest import qa_conversations, run_entry, save_random_tiny_model, write_jsonl
+from ..conftest import qa_conversations, save_random_tiny_model, served_entry, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def prepare_only(
     model: Path, data: Path, target: Path, tmp_path: Path, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    return run_entry(
+    return served_entry(
         ["--model_name_or_path", str(model), "--train_files", str(data), "--prepare_only", "true",
          "--tokenized_path", str(target), "--packing", "false", "--validation_split_percentage", "0",
          "--use_cpu", "true", "--output_dir", str(tmp_path / "out"), *extra],

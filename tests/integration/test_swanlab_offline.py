@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llmtrain.errors import USER_ERROR_EXIT_CODE
 
-from ..conftest import free_port, run_entry
+from ..conftest import free_port, served_entry
 
 
 def test_cloud_mode_without_a_reachable_server_says_so_and_suggests_local_mode(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_cloud_mode_without_a_reachable_server_says_so_and_suggests_local_mode(t
         "--output_dir", str(tmp_path / "out"), "--report_to", "swanlab", "--use_cpu", "true", "--max_steps", "2",
         "--dataset_cache_dir", str(tmp_path / "cache"), "--swanlab_log_dir", str(tmp_path / "swanlog"),
     ]  # fmt: skip
-    result = run_entry(args, tmp_path, SWANLAB_MODE=None, SWANLAB_API_KEY=secret,
+    result = served_entry(args, tmp_path, SWANLAB_MODE=None, SWANLAB_API_KEY=secret,
                        SWANLAB_API_HOST=f"http://127.0.0.1:{free_port()}")  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == USER_ERROR_EXIT_CODE, output[-4000:]

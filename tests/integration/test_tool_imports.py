@@ -39,20 +39,27 @@ def test_inference_tools_do_not_import_the_training_stack(module: str, tmp_path:
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []
 
 
-# Runs the launcher's plan and checks as a launch does, then reports the heavy modules they imported.
+# Runs the launcher's plan and checks as a launch does, and its judgement of an attempt that wrote a complete
+# checkpoint (before a restart, and in its last line), then reports the heavy modules they imported.
 LAUNCHER_PROBE = """
 import json, sys
 from pathlib import Path
 from llmtrain.launch.supervisor import make_plan, check_output_dir, check_not_held, LOCK_FILE
+from llmtrain.launch.progress import Progress
+from llmtrain.run.completeness import write_completion_marker
 plan = make_plan("pretrain.py", ["--output_dir", {output_dir!r}], {{"NPROC": "2", "PATH": ""}}, Path.cwd())
 check_output_dir(plan.output_dir)
 check_not_held(plan.output_dir / LOCK_FILE)
+progress = Progress.before_attempt(plan.output_dir)
+(plan.output_dir / "checkpoint-4").mkdir(parents=True)
+write_completion_marker(plan.output_dir / "checkpoint-4", {{}}, checksums=True)
+assert progress.after_attempt() == (4, True), progress.after_attempt()
 print(plan.output_dir)
 print(json.dumps(sorted(name for name in {stack!r} if name in sys.modules)), file=sys.stderr)
 """
 
 
-def test_the_launchers_checks_before_the_job_starts_do_not_import_torch_or_transformers(tmp_path: Path) -> None:
+def test_the_launcher_checks_and_judges_an_attempt_without_torch_or_transformers(tmp_path: Path) -> None:
     stack = (*TRAINING_STACK, "torch", "transformers")
     probe = LAUNCHER_PROBE.format(output_dir=str(tmp_path / "out"), stack=stack)
     result = subprocess.run(

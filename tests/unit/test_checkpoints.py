@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 from llmtrain.errors import StorageFull
-from llmtrain.run import checkpoints
-from llmtrain.run.checkpoints import (
-    COMPLETE_MARKER,
-    checkpoint_problem,
-    find_resume_checkpoint,
-    reporting_full_disk,
-    rotate,
-    sha256_files,
-    write_completion_marker,
-)
+from llmtrain.run import completeness
+from llmtrain.run.checkpoints import find_resume_checkpoint, reporting_full_disk, rotate
+from llmtrain.run.completeness import COMPLETE_MARKER, checkpoint_problem, sha256_files, write_completion_marker
 
 SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
@@ -48,7 +41,7 @@ def test_marker_lists_every_file_with_its_size_and_no_checksum_by_default(tmp_pa
 def test_marker_with_checksums_records_each_files_sha256_and_logs_the_cost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger=checkpoints.__name__):
+    with caplog.at_level(logging.INFO, logger="llmtrain.run"):
         folder = checkpoint(tmp_path, 7, checksums=True)
     marker = json.loads((folder / COMPLETE_MARKER).read_text())
     assert marker["checksums"] == "sha256"
@@ -77,7 +70,7 @@ def test_a_flipped_byte_is_caught_only_where_checksums_were_recorded(
     newest = checkpoint(tmp_path, 20, checksums=checksums)
     (newest / "global_step20" / SHARD).write_bytes(b"o" * 19 + b"x")  # same size, one byte changed
     assert checkpoint_problem(newest) is None  # sizes alone: nothing to see
-    with caplog.at_level(logging.INFO, logger=checkpoints.__name__):
+    with caplog.at_level(logging.INFO, logger="llmtrain.run"):
         problem = checkpoint_problem(newest, verify_checksums=True)
         resume_from = find_resume_checkpoint(tmp_path)
     if not checksums:
@@ -99,7 +92,7 @@ def test_rotation_reads_no_file_to_hash_it(tmp_path: Path, monkeypatch: pytest.M
     def no_hashing(*args: object, **kwargs: object) -> None:
         raise AssertionError("rotate hashed a file")
 
-    monkeypatch.setattr(checkpoints, "sha256_files", no_hashing)
+    monkeypatch.setattr(completeness, "sha256_files", no_hashing)
     assert rotate(tmp_path, keep=1) == [tmp_path / "checkpoint-10"]
 
 

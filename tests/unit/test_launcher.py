@@ -6,6 +6,7 @@ launches: ``tests/integration/test_launch_topology.py`` (dry runs) and ``tests/d
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -54,7 +55,8 @@ def plan_for(tmp_path: Path, *args: str, **env: str) -> Plan:
 def test_cpu_ranks_get_use_cpu_and_a_share_of_the_cores(tmp_path: Path) -> None:
     plan = plan_for(tmp_path, NPROC="2", PYTHON="py")
     command = plan.command()
-    assert command[:5] == ["py", "-u", "-m", "deepspeed.launcher.runner", "--num_gpus"]
+    assert command[:4] == ["py", "-u", "-m", "deepspeed.launcher.launch"]  # DeepSpeed's per-node launcher
+    assert json.loads(base64.urlsafe_b64decode(command[4].removeprefix("--world_info="))) == {"localhost": [0, 1]}
     assert command[command.index(str(PROJECT_ROOT / "pretrain.py")) + 1 :] == [
         "--deepspeed", str(PROJECT_ROOT / "ds_config_zero2.json"), "--use_cpu", "true", "--output_dir",
         str(tmp_path / "out"),

@@ -11,7 +11,8 @@ import yaml
 
 from llmtrain.config.arguments import TrainArguments
 from llmtrain.errors import ConfigError
-from llmtrain.run.checkpoints import find_resume_checkpoint, write_completion_marker
+from llmtrain.run.checkpoints import find_resume_checkpoint
+from llmtrain.run.completeness import write_completion_marker
 from llmtrain.run.output_dir import (
     RUN_CONFIG_FILE,
     RUN_ID_FILE,

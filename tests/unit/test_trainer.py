@@ -18,7 +18,7 @@ from llmtrain.data.order import GlobalOrderBatchSampler
 from llmtrain.data.pretrain import collate_blocks
 from llmtrain.errors import ConfigError
 from llmtrain.paths import TINY_MODEL_DIR
-from llmtrain.run.checkpoints import COMPLETE_MARKER
+from llmtrain.run.completeness import COMPLETE_MARKER
 from llmtrain.run.trainer import LOADER_STATE_DIR, SET_VITAL_WARNING, IndexedSamples, TrainLoader, build_trainer
 
 BLOCK_SIZE = 16
