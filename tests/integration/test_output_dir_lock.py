@@ -141,12 +141,21 @@ def start_together(tmp_path: Path, names: list[str]) -> None:
         (tmp_path / f"{name}.go").touch()
 
 
+def recorded_pid(lock_path: Path) -> int | None:
+    """The pid a lock file records, or None while it is missing or not yet written whole."""
+    try:
+        return int(json.loads(lock_path.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def test_of_four_processes_racing_for_a_killed_holders_lock_exactly_one_wins(tmp_path: Path) -> None:
     lock_path = tmp_path / LOCK_FILE
     holder = hold(tmp_path, lock_path, "holder", end="time.sleep(600)")
     start_together(tmp_path, ["holder"])
     deadline = time.monotonic() + 60
-    while not lock_path.is_file():
+    while recorded_pid(lock_path) != holder.pid:
+        # until the holder has created the file and written its record (a kill in between is another case)
         assert holder.poll() is None and time.monotonic() < deadline, holder.communicate()[0]
         time.sleep(0.01)
     holder.kill()  # SIGKILL: no atexit, the lock file stays
