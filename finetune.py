@@ -9,7 +9,10 @@ With no config, configs/sft_tiny_full.yaml is used: full fine-tuning of the tiny
 
 from __future__ import annotations
 
+import gc
 import sys
+
+gc.disable()  # while the training stack is imported: run_cli freezes what it built, then collects again
 
 from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config

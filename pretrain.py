@@ -8,7 +8,10 @@ With no config, configs/pretrain_tiny.yaml is used: the embedded tiny model and 
 
 from __future__ import annotations
 
+import gc
 import sys
+
+gc.disable()  # while the training stack is imported: run_cli freezes what it built, then collects again
 
 from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config

@@ -6,6 +6,7 @@ Light on purpose (logging, :mod:`llmtrain.errors`, :mod:`llmtrain.config.secrets
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -41,6 +42,20 @@ def setup_logging() -> None:
     logging.getLogger("compilers").setLevel(logging.WARNING)
 
 
+def settle_imports() -> None:
+    """Exempt every object alive now from the cyclic garbage collector, then (re)enable it.
+
+    An entry point turns collection off before importing the training stack and this turns it back on:
+    torch, transformers, DeepSpeed and PEFT leave millions of objects that live as long as the process,
+    and every full collection walks all of them again, during the imports, the training steps and the
+    interpreter's exit. Frozen (:func:`gc.freeze`), they stay out of every collection, and the data
+    loader workers forked later do not write to their pages. Measured on one 2-core machine, 2026-12-07:
+    importing transformers' Trainer and DeepSpeed and exiting took 5.5 s, 3.6 s this way.
+    """
+    gc.freeze()
+    gc.enable()
+
+
 def run_cli(main: Callable[[list[str]], None]) -> int:
     """Run an entry point's ``main``: bad input is one logged line and exit 2, preemption exit 75,
     a non-finite loss under ``nonfinite_policy: stop`` exit 3.
@@ -51,6 +66,7 @@ def run_cli(main: Callable[[list[str]], None]) -> int:
     first waits for its launcher's preflight and comes under its control, and records its exit code
     for it (:mod:`llmtrain.supervision`), an uncaught exception as 1.
     """
+    settle_imports()
     setup_logging()
     argv = sys.argv[1:]
     try:

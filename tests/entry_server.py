@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -64,7 +65,9 @@ def run_child(request: dict) -> None:
 def serve() -> None:
     sys.path.insert(0, str(REPO_ROOT))
     for name in ENTRIES:
-        importlib.import_module(name)
+        importlib.import_module(name)  # each turns the garbage collector off while it imports
+    gc.freeze()  # as run_cli does in every child: what the imports built is left out of collections
+    gc.enable()
     requests = sys.stdin
     replies = sys.stdout
     replies.write(json.dumps({"ready": True}) + "\n")
