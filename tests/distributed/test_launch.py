@@ -46,8 +46,9 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     def build(tmp_path: Path) -> Path:
         output_dir = tmp_path / "out"
         command = pretrain_command(
-            output_dir, tmp_path / "cache", "--max_steps", "30", "--warmup_steps", "10", "--report_to", "swanlab"
-        )
+            output_dir, tmp_path / "cache", "--max_steps", "30", "--warmup_steps", "10", "--report_to", "swanlab",
+            "--per_device_train_batch_size", "4",
+        )  # fmt: skip
         wait(launch(command, tmp_path, "run.log", NPROC="2", MASTER_PORT=str(free_port())), tmp_path, "run.log")
         return output_dir
 
@@ -128,7 +129,7 @@ def test_two_simulated_nodes_train_with_world_size_two(tmp_path: Path) -> None:
 
 def test_sigkill_after_a_checkpoint_then_the_same_command_resumes(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    extra = ["--max_steps", "16", "--report_to", "none", "--per_device_train_batch_size", "4"]
+    extra = ["--max_steps", "16", "--report_to", "none", "--per_device_train_batch_size", "4", "--eval_strategy", "no"]
     command = pretrain_command(output_dir, tmp_path / "cache", *extra, every=4)
     env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
     first = launch(command, tmp_path, "first.log", **env)
