@@ -33,7 +33,7 @@ def command(output_dir: Path, mode: str) -> list[str]:
         "bash", str(REPO_ROOT / "pretrain.sh"), "--output_dir", str(output_dir),
         "--dataset_cache_dir", str(output_dir.parent / "cache"), "--disable_tqdm", "true",
         "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2", "--max_steps", str(MAX_STEPS),
-        "--per_device_train_batch_size", "4",
+        "--per_device_train_batch_size", "2",  # blocks of 1024 tokens (the dataclass default)
         "--report_to", "swanlab", "--swanlab_mode", mode,
     ]  # fmt: skip
 
