@@ -11,7 +11,8 @@ from __future__ import annotations
 import gc
 import sys
 
-gc.disable()  # while the training stack is imported: run_cli freezes what it built, then collects again
+if __name__ == "__main__":  # imported as a module, it leaves the collector alone
+    gc.disable()  # while the training stack is imported: run_cli freezes what it built, then collects again
 
 from llmtrain.cli import run_cli
 from llmtrain.config.parser import parse_args, resolved_config

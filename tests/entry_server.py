@@ -64,10 +64,12 @@ def run_child(request: dict) -> None:
 
 def serve() -> None:
     sys.path.insert(0, str(REPO_ROOT))
+    gc.disable()  # as each entry does when run: the imports without collections, then settled as in run_cli
     for name in ENTRIES:
-        importlib.import_module(name)  # each turns the garbage collector off while it imports
-    gc.freeze()  # as run_cli does in every child: what the imports built is left out of collections
-    gc.enable()
+        importlib.import_module(name)
+    from llmtrain.cli import settle_imports
+
+    settle_imports()
     requests = sys.stdin
     replies = sys.stdout
     replies.write(json.dumps({"ready": True}) + "\n")
