@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from llmtrain.data.fitting import concatenate_rows, pack_rows
-from llmtrain.data.token_store import COPY_CHUNK, StoreDamaged, token_dtype
+from llmtrain.data.token_store import STORE_FILE, OffsetsWriter, StoreDamaged, token_dtype, write_store_meta
 from llmtrain.loss import IGNORE_INDEX
 
 FORMAT = "llmtrain-sft-rows"
@@ -44,7 +44,6 @@ POSITIONS_FILE = "positions.bin"
 ROWS_FILE = "rows.npy"
 PACKS_FILE = "packs.npy"
 PACK_OFFSETS_FILE = "pack_rows.npy"
-STORE_FILE = "store.json"
 ROWS_PARTIAL = "rows.partial"  # offsets as raw uint64 while writing; becomes rows.npy at close
 
 
@@ -109,8 +108,7 @@ class SftRowsWriter:
         self._ids = (directory / IDS_FILE).open("wb")
         self._mask = (directory / MASK_FILE).open("wb")
         self._positions = (directory / POSITIONS_FILE).open("wb") if self.positions_dtype is not None else None
-        self._offsets = (directory / ROWS_PARTIAL).open("wb")
-        self._offsets.write(np.zeros(1, dtype="<u8").tobytes())
+        self._rows = OffsetsWriter(directory / ROWS_PARTIAL, directory / ROWS_FILE)
 
     def add(self, rows: EncodedRows) -> None:
         """Append a batch of encoded rows."""
@@ -126,27 +124,17 @@ class SftRowsWriter:
             self._positions.write(np.ascontiguousarray(positions, dtype=self.positions_dtype).tobytes())
         elif rows.positions is not None:
             raise ValueError(f"{self.directory}: a prefix tree for a store made without positions")
-        ends = self.meta["tokens"] + np.cumsum(rows.lengths, dtype=np.uint64)
-        self._offsets.write(ends.astype("<u8").tobytes())
-        self.meta["tokens"] = int(ends[-1])
-        self.meta["rows"] += len(rows.lengths)
+        self._rows.add(rows.lengths)
+        self.meta["tokens"] = self._rows.total
+        self.meta["rows"] = self._rows.count
 
     def close(self) -> dict[str, Any]:
         """Finish the split; returns its ``store.json`` content."""
-        for stream in (self._ids, self._mask, self._offsets, self._positions):
+        for stream in (self._ids, self._mask, self._positions):
             if stream is not None:
                 stream.close()
-        partial = self.directory / ROWS_PARTIAL
-        raw = np.fromfile(partial, dtype="<u8") if partial.stat().st_size else np.zeros(0, "<u8")
-        index = np.lib.format.open_memmap(
-            self.directory / ROWS_FILE, mode="w+", dtype="<u8", shape=(self.meta["rows"] + 1,)
-        )
-        for start in range(0, len(raw), COPY_CHUNK):
-            index[start : start + COPY_CHUNK] = raw[start : start + COPY_CHUNK]
-        index.flush()
-        del index, raw
-        partial.unlink()
-        _write_meta(self.directory, self.meta)
+        self._rows.close()
+        write_store_meta(self.directory, self.meta)
         return dict(self.meta)
 
 
@@ -173,12 +161,8 @@ def pack_split(directory: Path, max_length: int, seed: int) -> int:
     np.save(directory / PACK_OFFSETS_FILE, offsets)
     meta = json.loads((directory / STORE_FILE).read_text())
     meta["packs"] = len(offsets) - 1
-    _write_meta(directory, meta)
+    write_store_meta(directory, meta)
     return int(meta["packs"])
-
-
-def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    (directory / STORE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,51 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+class OffsetsWriter:
+    """Where each item (a document, a row) ends, appended as items come, finished as an ``.npy`` index.
+
+    The ends go to ``partial`` as raw uint64 while writing; :meth:`close` copies them in chunks into
+    ``final`` (items + 1 offsets from 0) and removes ``partial``, so neither side is held in memory.
+
+    >>> import tempfile
+    >>> directory = Path(tempfile.mkdtemp())
+    >>> offsets = OffsetsWriter(directory / "ends.partial", directory / "ends.npy")
+    >>> offsets.add(np.array([3, 2])); offsets.add(np.array([4]))
+    >>> offsets.total, offsets.count
+    (9, 3)
+    >>> offsets.close(); np.load(directory / "ends.npy").tolist(), (directory / "ends.partial").exists()
+    ([0, 3, 5, 9], False)
+    """
+
+    def __init__(self, partial: Path, final: Path) -> None:
+        self.partial = partial
+        self.final = final
+        self.total = 0  # the end of the last item: every item's length, summed
+        self.count = 0
+        self._stream = partial.open("wb")
+        self._stream.write(np.zeros(1, dtype="<u8").tobytes())
+
+    def add(self, lengths: np.ndarray) -> None:
+        """Append the ends of items of these lengths (none: nothing changes)."""
+        if len(lengths) == 0:
+            return
+        ends = self.total + np.cumsum(lengths, dtype=np.uint64)
+        self._stream.write(ends.astype("<u8").tobytes())
+        self.total = int(ends[-1])
+        self.count += len(lengths)
+
+    def close(self) -> None:
+        """Write ``final`` from ``partial`` and remove ``partial``."""
+        self._stream.close()
+        raw = np.memmap(self.partial, dtype="<u8", mode="r")
+        index = np.lib.format.open_memmap(self.final, mode="w+", dtype="<u8", shape=(self.count + 1,))
+        for start in range(0, len(raw), COPY_CHUNK):
+            index[start : start + COPY_CHUNK] = raw[start : start + COPY_CHUNK]
+        index.flush()
+        del index, raw
+        self.partial.unlink()
+
+
 class TokenStoreWriter:
     """Append documents (tokens with their EOS) to a new store; :meth:`close` writes the index and metadata.
 
@@ -83,35 +128,28 @@ class TokenStoreWriter:
             "vocab_size": int(vocab_size),
         }
         self._tokens = (directory / TOKENS_FILE).open("wb")
-        self._offsets = (directory / OFFSETS_PARTIAL).open("wb")
-        self._offsets.write(np.zeros(1, dtype="<u8").tobytes())
+        self._documents = OffsetsWriter(directory / OFFSETS_PARTIAL, directory / DOCUMENTS_FILE)
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents: ``tokens`` back to back (each ending with EOS), ``lengths`` their sizes with EOS."""
         if len(lengths) == 0:
             return
         self._tokens.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        ends = self.meta["tokens"] + np.cumsum(lengths, dtype=np.uint64)
-        self._offsets.write(ends.astype("<u8").tobytes())
-        self.meta["tokens"] = int(ends[-1])
-        self.meta["documents"] += len(lengths)
+        self._documents.add(lengths)
+        self.meta["tokens"] = self._documents.total
+        self.meta["documents"] = self._documents.count
 
     def close(self) -> dict[str, Any]:
         """Finish the store; returns its ``store.json`` content."""
         self._tokens.close()
-        self._offsets.close()
-        partial = self.directory / OFFSETS_PARTIAL
-        raw = np.memmap(partial, dtype="<u8", mode="r") if partial.stat().st_size else np.zeros(0, "<u8")
-        index = np.lib.format.open_memmap(
-            self.directory / DOCUMENTS_FILE, mode="w+", dtype="<u8", shape=(self.meta["documents"] + 1,)
-        )
-        for start in range(0, len(raw), COPY_CHUNK):
-            index[start : start + COPY_CHUNK] = raw[start : start + COPY_CHUNK]
-        index.flush()
-        del index, raw
-        partial.unlink()
-        (self.directory / STORE_FILE).write_text(json.dumps(self.meta, indent=1, sort_keys=True))
+        self._documents.close()
+        write_store_meta(self.directory, self.meta)
         return dict(self.meta)
+
+
+def write_store_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """A store's ``store.json`` (written last: a store without it is unfinished)."""
+    (directory / STORE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)
