@@ -6,13 +6,16 @@ step by step or batch by batch) so that a noisy neighbour slows both, and median
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -54,6 +57,44 @@ def timed(work: Callable[[], object]) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+@contextlib.contextmanager
+def single_threaded_tokenizers() -> Iterator[None]:
+    """``TOKENIZERS_PARALLELISM=false`` inside (one thread per tokenizer), the caller's setting restored after."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def worker_build_rates(
+    scratch: Path,
+    amount: float,
+    build: Callable[[int, Path], object],
+    others: Mapping[str, Callable[[], object]] | None = None,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """``amount`` per second of ``build(workers, output_dir)`` with 1 and 2 workers (``workers_1``,
+    ``workers_2``) and of each of ``others``, alternated, medians of ``repeats``; each build writes
+    into an empty directory under ``scratch``, removed after."""
+    others = dict(others or {})
+    rates: dict[str, list[float]] = {name: [] for name in [*others, "workers_1", "workers_2"]}
+    for repeat in range(repeats):
+        for name, work in others.items():
+            rates[name].append(amount / timed(work))
+        for workers in (1, 2):
+            out = scratch / f"speed-{workers}-{repeat}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            rates[f"workers_{workers}"].append(amount / timed(lambda w=workers, o=out: build(w, o)))
+            shutil.rmtree(out, ignore_errors=True)
+    return {name: median(values) for name, values in rates.items()}
 
 
 def machine() -> dict[str, str]:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, Result, print_result, timed
+from bench.common import REPO_ROOT, Result, print_result, single_threaded_tokenizers, worker_build_rates
 from bench.token_store import run_watched, scratch_env
 from llmtrain.paths import DEMO_CONVERSATIONS_PATH, TINY_MODEL_DIR
 
@@ -74,28 +73,16 @@ def build_speed(data: Path, scratch: Path) -> dict[str, float]:
     from llmtrain.config.arguments import SFTDataArguments
     from llmtrain.data.sft import build_sft_rows
 
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
+    with single_threaded_tokenizers():
         tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
         count = sum(1 for _ in data.open(encoding="utf-8"))
-        rates: dict[str, list[float]] = {"workers_1": [], "workers_2": []}
-        for repeat in range(3):
-            for workers in (1, 2):
-                args = SFTDataArguments(train_files=[str(data)], max_seq_length=MAX_SEQ_LENGTH,
-                                        preprocessing_num_workers=workers)  # fmt: skip
-                out = scratch / f"speed-{workers}-{repeat}"
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                seconds = timed(lambda a=args, o=out: build_sft_rows(a, tokenizer, [data], [], o, True))
-                rates[f"workers_{workers}"].append(count / seconds)
-                shutil.rmtree(out, ignore_errors=True)
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    return {name: sorted(values)[1] for name, values in rates.items()}
+
+        def build(workers: int, out: Path) -> None:
+            args = SFTDataArguments(train_files=[str(data)], max_seq_length=MAX_SEQ_LENGTH,
+                                    preprocessing_num_workers=workers)  # fmt: skip
+            build_sft_rows(args, tokenizer, [data], [], out, True)
+
+        return worker_build_rates(scratch, count, build)
 
 
 @functools.cache

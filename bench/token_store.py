@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import REPO_ROOT, Result, print_result, timed
+from bench.common import REPO_ROOT, Result, print_result, single_threaded_tokenizers, worker_build_rates
 from llmtrain.paths import DEMO_CORPUS_PATH, TINY_MODEL_DIR
 
 QWEN_TOKENIZER = REPO_ROOT.parent / "shared" / "qwen2.5-tokenizer"
@@ -144,32 +144,20 @@ def pipeline_speed(corpus: Path, scratch: Path) -> dict[str, float]:
     from llmtrain.config.arguments import PretrainDataArguments
     from llmtrain.data.pretrain import build_token_stores
 
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per tokenizer: the plain call too
-    try:
+    with single_threaded_tokenizers():  # the plain call too
         tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
         with corpus.open(encoding="utf-8") as handle:
             texts = [json.loads(line)["text"] for line in handle]
         megabytes = corpus.stat().st_size / 2**20
         batches = [texts[i : i + 1000] for i in range(0, len(texts), 1000)]
-        rates: dict[str, list[float]] = {"plain": [], "workers_1": [], "workers_2": []}
-        for repeat in range(3):  # alternated, medians
-            rates["plain"].append(megabytes / timed(lambda: [tokenizer(batch) for batch in batches]))
-            for workers in (1, 2):
-                args = PretrainDataArguments(train_files=[str(corpus)], validation_split_percentage=0.0,
-                                             preprocessing_num_workers=workers)  # fmt: skip
-                out = scratch / f"speed-{workers}-{repeat}"
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                seconds = timed(lambda args=args, out=out: build_token_stores(args, tokenizer, [[corpus]], [], out))
-                rates[f"workers_{workers}"].append(megabytes / seconds)
-                shutil.rmtree(out, ignore_errors=True)
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    return {name: sorted(values)[1] for name, values in rates.items()}
+
+        def build(workers: int, out: Path) -> None:
+            args = PretrainDataArguments(train_files=[str(corpus)], validation_split_percentage=0.0,
+                                         preprocessing_num_workers=workers)  # fmt: skip
+            build_token_stores(args, tokenizer, [[corpus]], [], out)
+
+        plain = {"plain": lambda: [tokenizer(batch) for batch in batches]}
+        return worker_build_rates(scratch, megabytes, build, plain)
 
 
 @functools.cache
