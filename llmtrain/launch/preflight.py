@@ -9,11 +9,13 @@ written, so the console reads as before: the report, then the job.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import threading
 from collections.abc import Sequence
 
+from llmtrain.cli import settle_imports
 from llmtrain.errors import USER_ERROR_EXIT_CODE, UserInputError
 from llmtrain.launch.console import Console
 from llmtrain.stages import Stage
@@ -46,9 +48,14 @@ class Preflight:
             self.status = 1
 
     def _check(self) -> int:
-        # Imported here: the launcher stays light until the job has started.
-        from llmtrain.tools.doctor import ERROR, diagnose
-        from llmtrain.tools.doctor.report import write_report
+        # Imported here: the launcher stays light until the job has started. Without collections during the
+        # imports, then settled, as in the entry points (the launcher of a 1-step 2-rank CPU run: 5.4 -> 3.5 CPU-s).
+        gc.disable()
+        try:
+            from llmtrain.tools.doctor import ERROR, diagnose
+            from llmtrain.tools.doctor.report import write_report
+        finally:
+            settle_imports()
 
         try:
             findings = diagnose(self.stage.name, self.args, fast=True)
