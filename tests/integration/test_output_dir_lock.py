@@ -32,7 +32,7 @@ from ..conftest import (
     write_jsonl,
 )
 
-STEPS = 8
+STEPS = 24  # ~2 s of steps after checkpoint-2 on an idle 2-core machine: the pause lands while it trains
 
 
 def pretrain_command(tmp: Path, corpus: Path, output_dir: Path, steps: int) -> list[str]:
@@ -55,19 +55,12 @@ def test_a_second_launch_is_refused_while_the_first_trains_and_a_killed_runs_loc
     killed = launch(killed_command, tmp_path, "killed.log", LLMTRAIN_FAULT="kill_after_step=1")
     processes = [first, killed]
     try:
-        # The killed run dies without cleanup; its rerun (no restart delay) must take its lock over.
-        assert killed.wait(timeout=180) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-        left = json.loads((killed_dir / LOCK_FILE).read_text())
-        assert left["pid"] == killed.pid
-        rerun = launch(killed_command, tmp_path, "rerun.log")
-        processes.append(rerun)
-
-        # The first run trains: it holds the lock and has saved a checkpoint. Pause it mid-run.
+        # The first run trains: it has saved a checkpoint. Pause it mid-run, as soon as it has, and read its lock.
         wait_for_checkpoint(first, first_dir / "checkpoint-2", tmp_path / "first.log", timeout=180)
-        holder = json.loads((first_dir / LOCK_FILE).read_text())
-        assert (holder["host"], holder["pid"]) == (socket.gethostname(), first.pid)
         os.killpg(first.pid, signal.SIGSTOP)
         try:
+            holder = json.loads((first_dir / LOCK_FILE).read_text())
+            assert (holder["host"], holder["pid"]) == (socket.gethostname(), first.pid)
             began = time.monotonic()
             second = launch(command, tmp_path, "second.log")
             processes.append(second)
@@ -85,6 +78,13 @@ def test_a_second_launch_is_refused_while_the_first_trains_and_a_killed_runs_loc
         assert "Traceback" not in second_log
         assert "pretraining data:" not in second_log, "refused only after building the data"
         assert refused_after < 90, f"refused only after {refused_after:.0f} s"  # imports, then the lock
+
+        # The killed run died without cleanup; its rerun (no restart delay) must take its lock over.
+        assert killed.wait(timeout=180) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+        left = json.loads((killed_dir / LOCK_FILE).read_text())
+        assert left["pid"] == killed.pid
+        rerun = launch(killed_command, tmp_path, "rerun.log")
+        processes.append(rerun)
 
         # The first run is unharmed: it finishes, every step in its ledger once, its lock released.
         wait(first, tmp_path, "first.log", timeout=180)

@@ -9,7 +9,6 @@ of several trees and chains.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,7 @@ SHARED_QWEN3 = REPO_ROOT.parent / "shared" / "qwen3-tokenizer"
 EOT = "<|im_end|>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def conversation(inline: bool) -> list[dict[str, str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,7 @@ CONVERSATION_LENGTHS = (9, 14, 6, 11)
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 1024, 3]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors: thread hand-offs cost more than they save on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

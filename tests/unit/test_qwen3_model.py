@@ -69,13 +69,7 @@ OVERFIT_STEPS = 40  # greedy reproduces ANSWER after ~10 steps (seeds 2-4); the 
 OVERFIT_LR = 1e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors: thread hand-offs cost more than they save on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

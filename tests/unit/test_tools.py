@@ -13,7 +13,6 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,7 @@ OVERFIT_STEPS = 150  # greedy already answers exactly after ~20; the rest is mar
 OVERFIT_LR = 3e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors: thread hand-offs cost more than they save, and on a busy 2-core box far more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_tiny_model(seed: int) -> Any:
