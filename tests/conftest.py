@@ -86,7 +86,7 @@ def subprocess_env(tmp_path: Path, **extra: str | None) -> dict[str, str]:
         HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"),
         SWANLAB_MODE="local",
         PYTHONPATH=str(REPO_ROOT),
-        # The launchers' preflight costs ~10 s of imports per launch; tests that check it set SKIP_DOCTOR=0.
+        # The launchers' preflight costs ~3 CPU-s of imports per launch; tests that check it set SKIP_DOCTOR=0.
         SKIP_DOCTOR="1",
     )
     for name, value in extra.items():
@@ -115,7 +115,7 @@ def run_entry(
 class EntryServer:
     """Runs ``python ENTRY ARGS`` through a fork server (``tests/entry_server.py``) that imported the entry
     points once: the same code, argv, directory, environment and exit code as :func:`run_entry`, without
-    ~9 s of imports per run. For the integration tier's single-process runs; launches stay real processes.
+    ~4 s of imports per run. For the integration tier's single-process runs; launches stay real processes.
     """
 
     def __init__(self, tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def served_entry(
     args: list[str], tmp_path: Path, entry: str = "pretrain.py", timeout: float = 300, **env: str | None
 ) -> subprocess.CompletedProcess[str]:
     """:func:`run_entry` through the session's :class:`EntryServer`: for the many single-process runs of the
-    integration tier (a real ``python ENTRY`` launch costs ~9 s of imports more). Not thread-safe."""
+    integration tier (a real ``python ENTRY`` launch costs ~4 s of imports more). Not thread-safe."""
     return shared_entry_server().run(args, tmp_path, entry=entry, timeout=timeout, **env)
 
 

@@ -42,7 +42,7 @@ DOCUMENTS_FILE = "documents.npy"
 STORE_FILE = "store.json"
 OFFSETS_PARTIAL = "documents.partial"  # offsets as raw uint64 while writing; becomes documents.npy at close
 CHECKED_DOCUMENT_ENDS = 4096  # documents whose final EOS is checked when a store is opened (spread evenly)
-COPY_CHUNK = 1 << 20  # offsets per chunk when documents.partial becomes documents.npy
+COPY_CHUNK = 1 << 20  # offsets per chunk when a .partial offsets file becomes its .npy (OffsetsWriter.close)
 
 
 class StoreDamaged(ValueError):

@@ -356,7 +356,7 @@ class Attempt:
 def attempts(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Attempt]:
     """Every catalogue case, each its own ``python ENTRY ARGS`` run forked from one of two entry servers
     (the session's and one more :class:`tests.conftest.EntryServer`: the entry points imported once, not
-    ~9 s of imports per case), two at a time on the 2 cores of CI; built once for the whole session
+    ~4 s of imports per case), two at a time on the 2 cores of CI; built once for the whole session
     (:func:`tests.conftest.built_once`). ``test_the_entry_server_runs_a_case_as_python_would`` checks that
     a real ``python ENTRY`` launch gives the same refusal."""
 

@@ -97,7 +97,7 @@ def _check_run(report: Report, stage: Stage, fast: bool, parsed: tuple[Any, ...]
         return
     output_dir = Path(str(training_args.output_dir))
     report.attempt("output_dir", lambda: check_writable(report, output_dir, "output_dir"))
-    # A live launch in this output_dir: refused here, before the entry point's own ~10 s of imports.
+    # A live launch in this output_dir: refused here, before the entry point's own ~4 s of imports.
     report.attempt("output_dir", lambda: check_not_held(output_dir / LOCK_FILE))
     if counts is None or model_config is None or loadable is None:
         report.add(WARNING, "disk", "not estimated: the model config did not load")
